@@ -1,0 +1,1 @@
+"""Target descriptors shipped with qcompile: one TOML file per target (see qcompile.target)."""
