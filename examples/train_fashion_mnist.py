@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
@@ -140,9 +139,10 @@ def train_and_export(epochs: int, batch_size: int, lr: float) -> None:
         acc = float((pred.numpy() == test_y).mean())
         print(f"epoch {epoch + 1}: train loss {total / n:.4f}, torch test acc {acc:.4f}")
 
-    # Export in eval mode. TrainingMode.PRESERVE (the model is in eval mode, so
-    # BN is exported as inference BatchNormalization) skips the legacy exporter's
-    # eval-mode peephole that would fuse BatchNorm into the preceding Conv.
+    # Export in eval mode, keeping BatchNormalization (qcompile folds it itself).
+    # With torch 2.13, do_constant_folding=False alone keeps it; TrainingMode.PRESERVE
+    # (the model is in eval mode, so BN is still the inference op) also skips the
+    # legacy exporter's eval-mode peephole, as a guard. Checked below.
     model.eval()
     onnx_path = OUT_DIR / "fashion_mnist_cnn.onnx"
     torch.onnx.export(
@@ -232,5 +232,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
