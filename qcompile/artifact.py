@@ -1,0 +1,177 @@
+"""Load an artifact directory: the manifest is read and the library's sha256
+checked *before* ``lib.so`` is handed to the dynamic loader (loading a shared
+library runs its code)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .build import FORMAT, LIBRARY, MANIFEST, Artifact
+from .errors import ArtifactError, DeviceError, InputError
+from .frontend import check_feed, sha256_file
+
+
+def read_artifact(directory: str | os.PathLike) -> Artifact:
+    """Parse and validate ``manifest.json`` and check the library hash."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: no such artifact directory")
+    if not manifest_path.is_file():
+        raise ArtifactError(f"{directory}: no {MANIFEST}; not a qcompile artifact "
+                            "(or an interrupted compile)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{manifest_path}: not a {FORMAT} manifest")
+    for key in ("target", "inputs", "outputs", "library"):
+        if key not in manifest:
+            raise ArtifactError(f"{manifest_path}: manifest lacks '{key}'")
+    library = manifest["library"]
+    lib_name = str(library.get("file", LIBRARY))
+    if Path(lib_name).name != lib_name:
+        raise ArtifactError(f"{manifest_path}: library file '{lib_name}' must be a plain "
+                            "file name inside the artifact")
+    lib_path = directory / lib_name
+    if not lib_path.is_file():
+        raise ArtifactError(f"{directory}: {lib_name} is missing")
+    actual = sha256_file(lib_path)
+    if actual != library.get("sha256"):
+        raise ArtifactError(f"{lib_path}: sha256 {actual[:16]}… does not match the manifest's "
+                            f"{str(library.get('sha256'))[:16]}…; the library was modified or "
+                            "corrupted, refusing to load it")
+    return Artifact(directory, manifest)
+
+
+class Runner:
+    """A loaded artifact, runnable on a device (local, or a remote RPC device)."""
+
+    def __init__(self, artifact: Artifact, vm, device, session=None):
+        self.artifact = artifact
+        self.vm = vm
+        self.device = device
+        self.session = session
+
+    @property
+    def inputs(self):
+        return self.artifact.inputs
+
+    def _to_device(self, feed: dict[str, np.ndarray]) -> list:
+        import tvm
+
+        return [tvm.runtime.tensor(np.ascontiguousarray(feed[i.name]), self.device)
+                for i in self.inputs]
+
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run once; ``feed`` maps input names to arrays of the compiled shapes."""
+        check_feed(self.inputs, feed, f"inputs for {self.artifact.directory}")
+        result = self.vm["main"](*self._to_device(feed))
+        return _outputs_to_numpy(result)
+
+    def time(self, feed: dict[str, np.ndarray], repeat: int = 50, min_repeat_ms: int = 20,
+             warmup: int = 3) -> list[float]:
+        """Latencies in ms, one per repeat (each the mean of enough runs to last
+        ``min_repeat_ms``), measured with TVM's time evaluator on the device."""
+        check_feed(self.inputs, feed, f"inputs for {self.artifact.directory}")
+        args = self._to_device(feed)
+        for _ in range(warmup):
+            self.vm["main"](*args)
+        timer = self.vm.time_evaluator("main", self.device, number=1, repeat=repeat,
+                                       min_repeat_ms=min_repeat_ms)
+        return [t * 1000.0 for t in timer(*args).results]
+
+
+def _outputs_to_numpy(result) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    return [item.numpy() for item in result]
+
+
+def load(directory: str | os.PathLike, device=None, session=None) -> Runner:
+    """Load an artifact after checking its hash.
+
+    Locally (``session=None``) the artifact's target must run on this machine.
+    With a TVM RPC ``session`` the library is uploaded and loaded on the board.
+    """
+    import tvm
+    from tvm import relax
+
+    from .target import get_target, load_spec
+
+    artifact = read_artifact(directory)
+    name = artifact.target_name
+    if session is None:
+        spec = _spec_for(artifact, get_target, load_spec)
+        if spec is not None and not spec.runs_here():
+            raise DeviceError(f"{directory} is built for {name}, which cannot run on this "
+                              f"machine; run it on such a board (qcompile measure {directory} "
+                              "--rpc HOST:PORT)")
+        device = device or (tvm.cuda(0) if artifact.manifest["target"]["arch"] == "cuda"
+                            else tvm.cpu(0))
+        try:
+            lib = tvm.runtime.load_module(str(artifact.library))
+            vm = relax.VirtualMachine(lib, device)
+        except Exception as exc:
+            raise ArtifactError(f"{artifact.library}: cannot be loaded here: "
+                                f"{str(exc).splitlines()[0] if str(exc) else exc}") from None
+        return Runner(artifact, vm, device)
+    from . import rpc
+
+    remote_lib = rpc.upload_and_load(session, artifact.library)
+    device = device or session.cpu(0)
+    return Runner(artifact, relax.VirtualMachine(remote_lib, device), device, session)
+
+
+def _spec_for(artifact, get_target, load_spec):
+    """The TargetSpec an artifact was built for, if this machine knows it."""
+    from .errors import TargetError
+
+    try:
+        return get_target(artifact.target_name)
+    except TargetError:
+        return None
+
+
+def load_feed_npz(path: str | os.PathLike, inputs, limit: int | None = None
+                  ) -> tuple[list[dict[str, np.ndarray]], np.ndarray | None]:
+    """Evaluation data: an .npz with one array per model input (samples on axis 0)
+    and optionally ``labels``. Returns per-sample feeds (shaped like the compiled
+    inputs) and the labels."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+        arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such data file") from None
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+    labels = arrays.pop("labels", None)
+    if len(inputs) == 1 and inputs[0].name not in arrays and len(arrays) == 1:
+        # A single unnamed array feeds a single-input model.
+        arrays = {inputs[0].name: next(iter(arrays.values()))}
+    check_feed(inputs, arrays, str(path), batch_axis_free=True)
+    counts = {len(arrays[i.name]) for i in inputs}
+    if len(counts) != 1 or 0 in counts:
+        raise InputError(f"{path}: inputs hold different or zero sample counts {counts}")
+    total = counts.pop()
+    if labels is not None and len(labels) != total:
+        raise InputError(f"{path}: {len(labels)} labels for {total} samples")
+    for info in inputs:
+        if np.issubdtype(arrays[info.name].dtype, np.floating) and \
+                not np.isfinite(arrays[info.name]).all():
+            raise InputError(f"{path}: input '{info.name}' holds NaN or Inf")
+    step = inputs[0].shape[0] if inputs[0].shape else 1
+    feeds = []
+    for start in range(0, total - step + 1, step):
+        if limit is not None and len(feeds) * step >= limit:
+            break
+        feeds.append({i.name: arrays[i.name][start:start + step] for i in inputs})
+    if labels is not None:
+        labels = labels[:len(feeds) * step]
+    return feeds, labels

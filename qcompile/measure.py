@@ -1,0 +1,248 @@
+"""``measure``: run float and int8 builds of a model on a device, time them
+with TVM's time evaluator there, and compare their outputs with the float
+reference (onnxruntime on this machine) on evaluation data.
+
+The device is this machine, or a board reached through TVM RPC (``--rpc`` or
+``--rpc-tracker`` + ``--rpc-key``). What has been measured is kept: if the
+board dies mid-run, the report still holds every section finished before it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DeviceError, QCompileError
+from .report import Report, accuracy, compare_outputs, latency_summary
+
+DEFAULT_RANDOM_SAMPLES = 8
+
+
+@dataclass
+class MeasureOptions:
+    repeat: int = 50
+    min_repeat_ms: int = 20
+    threads: int | None = None
+    limit: int | None = None  # evaluation samples (None: all)
+    emulated: bool = False
+    progress: bool = True
+
+
+def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=None,
+            tracker=None, key=None, quantize: str = "both", calib=None, quant_config=None,
+            tuning_log=None, input_shapes=None, options: MeasureOptions | None = None,
+            log=None) -> Report:
+    """Build (or take) artifacts, run them on the device and return a :class:`Report`.
+
+    ``model`` is an ONNX file (built here as float and/or int8, per ``quantize``:
+    "both", "int8" or "none") or an artifact directory (measured as it is).
+    """
+    from .artifact import read_artifact
+    from .build import compile_model
+    from .frontend import import_onnx
+    from .target import get_target
+
+    options = options or MeasureOptions()
+    say = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out or "qcompile-report")
+    artifacts: dict[str, object] = {}
+    model_path = Path(model)
+    if model_path.is_dir():
+        artifact = read_artifact(model_path)
+        artifacts["int8" if artifact.quantized else "float"] = artifact
+        spec = get_target(target or artifact.target_name)
+        onnx_path = artifact.manifest["model"]["path"]
+        inputs = artifact.inputs
+    else:
+        spec = get_target(target)
+        imported = import_onnx(model_path, input_shapes)
+        for notice in imported.notices:
+            say(f"note: {notice}")
+        onnx_path, inputs = str(model_path), imported.inputs
+        kinds = {"both": ["float", "int8"], "none": ["float"], "int8": ["int8"]}.get(quantize)
+        if kinds is None:
+            raise QCompileError(f"quantize must be both, int8 or none, not '{quantize}'")
+        for kind in kinds:
+            artifacts[kind] = compile_model(
+                imported, spec, out / f"artifact-{kind}",
+                quantize="int8" if kind == "int8" else "none",
+                calib=calib, quant_config=quant_config,
+                tuning_log=tuning_log, log=say)
+    feeds, labels, data_note = _evaluation_data(data, inputs, options.limit)
+    session, device_label = _open_session(rpc, tracker, key, spec, options)
+    report = Report(model=Path(onnx_path).stem, target=spec.name, device=device_label,
+                    emulated=options.emulated,
+                    environment=_environment(spec, session, options))
+    report.notes.append(data_note)
+    reference = _reference_outputs(onnx_path, feeds, report, say)
+    try:
+        for kind, artifact in artifacts.items():
+            say(f"measuring {kind} on {device_label} ...")
+            try:
+                section = _measure_artifact(artifact, feeds, labels, reference, session,
+                                            options, say)
+            except DeviceError as exc:
+                report.notes.append(f"{kind}: not measured: {exc}")
+                say(f"error: {exc}")
+                break  # the board is gone; keep what is measured
+            if reference is None and kind == "int8" and report.float:
+                section["agreement"] = compare_outputs(report.float.pop("_outputs"),
+                                                       section["_outputs"])
+                section["agreement"]["reference"] = "qcompile float"
+            setattr(report, kind, section)
+            if kind == "int8":
+                report.quantization = artifact.manifest.get("quantization")
+    finally:
+        for section in (report.float, report.int8):
+            if section:
+                section.pop("_outputs", None)
+        report.write(out)
+    say(f"wrote {out}/report.json and {out}/report.md")
+    return report
+
+
+def _environment(spec, session, options) -> dict:
+    import tvm
+
+    env = {"tvm": tvm.__version__, "target_isa": ", ".join(spec.isa_features)}
+    if session is None:
+        import platform
+
+        env["host"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+    return env
+
+
+def _open_session(rpc, tracker, key, spec, options):
+    if rpc is None and tracker is None:
+        if not spec.runs_here():
+            raise DeviceError(f"target {spec.name} cannot run on this machine; measure it on "
+                              "a board: --rpc HOST:PORT or --rpc-tracker HOST:PORT --rpc-key K")
+        return None, "local (this machine)"
+    from . import rpc as rpc_mod
+
+    session = rpc_mod.connect(rpc=rpc, tracker=tracker, key=key or spec.rpc_key)
+    label = f"rpc {rpc}" if rpc else f"rpc tracker {tracker} key {key or spec.rpc_key}"
+    return session, label
+
+
+def _set_threads(session, threads: int | None) -> int | None:
+    """Pin the runtime's thread pool size on the device (None: leave the default)."""
+    import tvm
+
+    getter = session.get_function("runtime.NumThreads") if session else \
+        tvm.get_global_func("runtime.NumThreads")
+    if threads:
+        config = session.get_function("runtime.config_threadpool") if session else \
+            tvm.get_global_func("runtime.config_threadpool")
+        config(1, int(threads))
+    return int(getter())
+
+
+def _measure_artifact(artifact, feeds, labels, reference, session, options, say) -> dict:
+    from .artifact import load
+
+    try:
+        runner = load(artifact.directory, session=session)
+        threads = _set_threads(session, options.threads)
+        outputs = []
+        iterator = feeds
+        if options.progress and sys.stderr.isatty() and len(feeds) > 50:
+            from tqdm import tqdm
+
+            iterator = tqdm(feeds, desc="  evaluating", unit="batch", file=sys.stderr)
+        for feed in iterator:
+            outputs.append(runner.run(feed)[0])
+        samples = runner.time(feeds[0], repeat=options.repeat,
+                              min_repeat_ms=options.min_repeat_ms)
+    except QCompileError:
+        raise
+    except Exception as exc:
+        if session is not None:
+            raise DeviceError(f"the board stopped answering while running "
+                              f"{artifact.directory.name}: {_first(exc)}") from None
+        raise
+    section = {"artifact": str(artifact.directory), "latency_ms": latency_summary(samples,
+                                                                                   threads),
+               "library_bytes": artifact.manifest["library"]["bytes"], "_outputs": outputs}
+    quant = artifact.manifest.get("quantization") or {}
+    if quant.get("weight_bytes_int8"):
+        section["weight_bytes"] = quant["weight_bytes_int8"]
+    elif quant.get("weight_bytes_fp32"):
+        section["weight_bytes"] = quant["weight_bytes_fp32"]
+    if reference is not None:
+        section["agreement"] = compare_outputs(reference, outputs)
+        section["agreement"]["reference"] = "onnxruntime float"
+    if labels is not None:
+        section["accuracy"] = accuracy(outputs, labels)
+    say(f"  median {section['latency_ms']['median']:.3f} ms over "
+        f"{section['latency_ms']['count']} repeats")
+    return section
+
+
+def _evaluation_data(data, inputs, limit):
+    from .artifact import load_feed_npz
+
+    if data is not None:
+        feeds, labels = load_feed_npz(data, inputs, limit)
+        count = sum(len(next(iter(f.values()))) for f in feeds)
+        return feeds, labels, f"evaluation data: {data} ({count} samples" + \
+            (", with labels)" if labels is not None else ", no labels)")
+    rng = np.random.default_rng(0)
+    feeds = []
+    for _ in range(limit or DEFAULT_RANDOM_SAMPLES):
+        feeds.append({i.name: _random_array(rng, i) for i in inputs})
+    return feeds, None, (f"evaluation data: {len(feeds)} seeded random inputs (pass --data "
+                         "for real data; agreement on random inputs says little about "
+                         "accuracy)")
+
+
+def _random_array(rng, info):
+    if info.dtype.startswith("float"):
+        return rng.standard_normal(info.shape).astype(info.dtype)
+    if info.dtype == "bool":
+        return rng.integers(0, 2, info.shape).astype(bool)
+    return rng.integers(0, 8, info.shape).astype(info.dtype)
+
+
+def _reference_outputs(onnx_path, feeds, report, say):
+    """Float outputs of the source model under onnxruntime, and its latency."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        report.notes.append("onnxruntime not installed: int8 is compared with qcompile float "
+                            "(pip install qcompile[ref] for the onnxruntime reference)")
+        return None
+    if not Path(onnx_path).is_file():
+        report.notes.append(f"source model {onnx_path} not found: no onnxruntime reference")
+        return None
+    say("running the onnxruntime float reference ...")
+    import onnx
+
+    model = onnx.load(onnx_path)
+    if model.ir_version > 10:  # onnxruntime 1.31 refuses newer IR versions
+        model.ir_version = 10
+    session_options = ort.SessionOptions()
+    session_options.intra_op_num_threads = os.cpu_count() or 1
+    session = ort.InferenceSession(model.SerializeToString(), session_options,
+                                   providers=["CPUExecutionProvider"])
+    outputs = [session.run(None, feed)[0] for feed in feeds]
+    started = time.perf_counter()
+    timings = []
+    while len(timings) < 50 and time.perf_counter() - started < 5:
+        t0 = time.perf_counter()
+        session.run(None, feeds[0])
+        timings.append((time.perf_counter() - t0) * 1000)
+    report.reference = {"kind": "onnxruntime float", "detail": f"onnxruntime {ort.__version__}"
+                        f" CPUExecutionProvider on the host, {len(outputs)} samples",
+                        "latency_ms": {"onnxruntime fp32 (host)": float(np.median(timings))}}
+    return outputs
+
+
+def _first(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -1,0 +1,173 @@
+"""Prepare a float Relax module for quantization.
+
+``prepare(mod)`` returns a numerically equivalent module in the canonical form
+the quantizer matches:
+
+* constants folded (BatchNorm statistics, ``permute_dims`` of Gemm weights,
+  reshapes/expand_dims of constants), tuple plumbing and dead code removed;
+* every per-channel affine chain after a conv2d or matmul with a constant
+  weight -- the decomposed inference BatchNorm (``add``/``subtract``/
+  ``divide``/``multiply`` by per-channel constants), Gemm's alpha/beta --
+  folded into the weight and one bias, so the quantizer sees only::
+
+      y = conv2d(x, W)            [+ add(y, b[1, C, 1, 1])]
+      y = matmul(x, W[K, N])      [+ add(y, b[N])]
+
+  optionally followed by ``relu`` / ``clip``.
+
+Each step is an ``IRModule -> IRModule`` function; ``prepare`` runs them all.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _ir
+
+AFFINE_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
+
+
+def simplify(mod):
+    """FoldConstant + CanonicalizeBindings + DeadCodeElimination."""
+    import tvm
+    from tvm import relax
+
+    seq = tvm.transform.Sequential([
+        relax.transform.FoldConstant(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.DeadCodeElimination(["main"]),
+    ])
+    return seq(mod)
+
+
+def anchor_kind(value) -> str | None:
+    """"conv2d" / "matmul" for a float conv2d or matmul whose weight is a constant."""
+    name = _ir.op_name(value)
+    if name not in ("relax.nn.conv2d", "relax.matmul"):
+        return None
+    if _ir.tensor_dtype(value.args[0]) != "float32":
+        return None
+    weight = _ir.const_value(value.args[1])
+    if weight is None or weight.dtype != np.float32:
+        return None
+    if name == "relax.nn.conv2d":
+        attrs = value.attrs
+        if (str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW"
+                or str(attrs.out_layout) != "NCHW" or weight.ndim != 4):
+            return None
+        return "conv2d"
+    if weight.ndim != 2 or _ir.tensor_shape(value.args[0]) is None:
+        return None
+    return "matmul"
+
+
+def _affine_step(binding, current, uses, channels, axis, rank):
+    """If ``binding`` is ``current (op) per-channel const``, return (op, vec, const_first)."""
+    value = binding.value
+    name = _ir.op_name(value)
+    if name not in AFFINE_OPS or len(uses.get(current, ())) != 1:
+        return None
+    lhs, rhs = value.args
+    if lhs.same_as(current):
+        operand, const_first = rhs, False
+    elif rhs.same_as(current) and name in ("relax.add", "relax.multiply", "relax.subtract"):
+        operand, const_first = lhs, True
+    else:
+        return None
+    array = _ir.const_value(operand)
+    if array is None or _ir.tensor_shape(binding.var) != _ir.tensor_shape(current):
+        return None
+    vec = _ir.per_channel_vector(array, channels, axis, rank)
+    if vec is None or not np.all(np.isfinite(vec)):
+        return None
+    if name == "relax.divide" and np.any(vec == 0):
+        return None
+    return name, vec, const_first
+
+
+def fold_affine(mod):
+    """Fold per-channel affine chains after conv2d/matmul into weight and bias."""
+    from tvm import relax
+
+    func = mod["main"]
+    bindings = _ir.main_bindings(func)
+    uses = _ir.use_map(func)
+    producer = {b.var: b for b in bindings}
+    plans = {}       # anchor var -> (scale, bias, last var)
+    absorbed = set()  # vars of folded affine bindings
+    for binding in bindings:
+        kind = anchor_kind(binding.value)
+        if kind is None:
+            continue
+        shape = _ir.tensor_shape(binding.var)
+        if shape is None:
+            continue
+        rank = len(shape)
+        axis = 1 if kind == "conv2d" else rank - 1
+        channels = shape[axis]
+        scale = np.ones(channels)
+        bias = np.zeros(channels)
+        current = binding.var
+        chain = []
+        while True:
+            users = uses.get(current, [])
+            if len(users) != 1 or users[0] == "return":
+                break
+            step = _affine_step(users[0], current, uses, channels, axis, rank)
+            if step is None:
+                break
+            name, vec, const_first = step
+            if name == "relax.add":
+                bias = bias + vec
+            elif name == "relax.subtract" and not const_first:
+                bias = bias - vec
+            elif name == "relax.subtract":
+                scale, bias = -scale, vec - bias
+            elif name == "relax.multiply":
+                scale, bias = scale * vec, bias * vec
+            else:
+                scale, bias = scale / vec, bias / vec
+            current = users[0].var
+            chain.append(current)
+        if not chain:
+            continue
+        plans[binding.var] = (scale, bias, current)
+        absorbed.update(chain)
+
+    if not plans:
+        return mod
+
+    def visit(bb, binding, remap):
+        var = binding.var
+        if var in absorbed:
+            return
+        if var not in plans:
+            _ir.copy_binding(bb, binding, remap)
+            return
+        scale, bias, last = plans[var]
+        call = binding.value
+        weight = _ir.const_value(call.args[1]).astype(np.float64)
+        if anchor_kind(call) == "conv2d":
+            weight = weight * scale[:, None, None, None]
+            bias_shape = (1, len(bias), 1, 1)
+        else:
+            weight = weight * scale[None, :]
+            bias_shape = (len(bias),)
+        data = _ir.substitute(call.args[0], remap)
+        new_call = relax.Call(call.op, [data, _ir.const(weight, "float32")], call.attrs,
+                              call.ty_args)
+        out = bb.emit(new_call, name_hint=var.name)
+        if np.any(bias != 0):
+            out = bb.emit(relax.op.add(out, _ir.const(bias.reshape(bias_shape), "float32")),
+                          name_hint=last.name)
+        remap[last] = out
+
+    del producer
+    return _ir.rewrite_main(mod, visit)
+
+
+def prepare(mod):
+    """The canonical float module the quantizer matches (see the module docstring)."""
+    mod = simplify(mod)
+    mod = fold_affine(mod)
+    return simplify(mod)
