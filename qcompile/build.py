@@ -170,16 +170,36 @@ def _cuda_ahead_of_time(executable, spec: TargetSpec, directory: Path, say) -> d
     from tvm.support import nvcc
 
     arch = spec.tvm.get("arch", "sm_80")
+    supported = _nvcc_archs()
+    if supported and arch.replace("sm_", "compute_") not in supported:
+        info["note"] = (f"this nvcc does not support {arch} (it knows {supported[0]} and "
+                        "newer): no ahead-of-time fatbin; the library's CUDA source is "
+                        "compiled when loaded on the GPU")
+        say(f"note: {info['note']}")
+        return info
     say(f"nvcc: compiling CUDA kernels ahead of time for {arch} ...")
     try:
-        fatbin = nvcc.compile_cuda(source, target_format="fatbin", arch=[f"-arch={arch}"],
-                                   compiler="nvcc")
+        with spec.tvm_target():  # nvcc's flags are read from the current target
+            fatbin = nvcc.compile_cuda(source, target_format="fatbin", arch=[f"-arch={arch}"],
+                                       compiler="nvcc")
     except Exception as exc:
         raise BuildError(f"nvcc failed to compile the CUDA kernels for {arch}: "
                          f"{str(exc).splitlines()[0] if str(exc) else exc}") from exc
     (directory / "kernels.fatbin").write_bytes(bytes(fatbin))
     info["fatbin"] = "kernels.fatbin"
     return info
+
+
+def _nvcc_archs() -> list[str]:
+    """``compute_XX`` names this nvcc can compile for (empty if it cannot say)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip().startswith("compute_")]
 
 
 def _tvm_version() -> str:
