@@ -130,13 +130,14 @@ def substitute(expr, remap: dict):
     return expr  # Constant, ShapeExpr, PrimValue, StringImm, DataTypeImm, ...
 
 
-def rewrite_main(mod, visit, finish=None):
+def rewrite_main(mod, visit, finish=None, start=None):
     """Rebuild ``main`` binding by binding in one dataflow block.
 
     ``visit(bb, binding, remap)`` emits whatever replaces ``binding`` and records
-    ``remap[binding.var] = new expr``; ``finish(bb, ret_expr, remap)`` may turn
-    the (already substituted) return expression into the final one. Returns a
-    new IRModule; the other functions are kept as they are.
+    ``remap[binding.var] = new expr``; ``finish(bb, ret_expr, remap)`` turns the
+    original return expression into the new one (default: substitute). Returns
+    a new IRModule; the other functions are kept as they are. ``start(bb, remap)``
+    runs first, inside the dataflow block, with ``remap`` holding the new params.
     """
     import tvm
     from tvm import relax
@@ -148,11 +149,14 @@ def rewrite_main(mod, visit, finish=None):
     attrs = dict(func.attrs) if func.attrs is not None else None
     with bb.function("main", params, attrs=attrs):
         with bb.dataflow():
+            if start is not None:
+                start(bb, remap)
             for binding in main_bindings(func):
                 visit(bb, binding, remap)
-            ret = substitute(func.body.body, remap)
-            if finish is not None:
-                ret = finish(bb, ret, remap)
+            if finish is None:
+                ret = substitute(func.body.body, remap)
+            else:
+                ret = finish(bb, func.body.body, remap)
             out = bb.emit_output(ret)
         bb.emit_func_output(out)
     new_main = bb.get()["main"]
