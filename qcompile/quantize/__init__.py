@@ -1,0 +1,242 @@
+"""int8 quantization passes on Relax: prepare, calibrate, realize, sensitivity.
+
+The API the CLI calls::
+
+    from qcompile.quantize import QuantConfig, quantize_model, load_calibration
+
+    calib = load_calibration("examples/fashion_mnist_calib.npz", imported.inputs)
+    result = quantize_model(imported, calib, QuantConfig(), spec)
+    result.mod      # Relax IRModule with int8 x int8 -> int32 conv2d / matmul
+    result.summary  # JSON-serializable: scales, zero points, int8 vs float layers, SQNR, sizes
+
+Each pass is usable on its own: :func:`~.prepare.prepare`,
+:func:`~.plan.build_plan`, :func:`~.calibrate.calibrate`,
+:func:`~.realize.realize`.
+
+Static quantization needs calibration data: ``quantize_model(..., calib=None)``
+raises :class:`~qcompile.errors.InputError` asking for ``--calib`` (the only
+exception is ``QuantConfig(dynamic=True)``, whose activation scales are
+computed at run time).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+from .calibrate import CalibrationData, calibrate, load_calibration, observe_module
+from .observers import METHODS, make_observer
+from .plan import build_plan
+from .prepare import prepare
+from .realize import QParams, act_qparams, realize
+
+__all__ = ["QuantConfig", "QuantResult", "quantize_model", "load_calibration", "prepare",
+           "build_plan", "calibrate", "realize", "METHODS"]
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize. Defaults: min-max ranges, per-channel symmetric int8 weights,
+    asymmetric uint8 activations, conv2d and matmul quantized, 7-bit weights where
+    the target asks for it (``reduce_range=None`` = the target's own setting)."""
+
+    method: str = "minmax"            # minmax | percentile | entropy | mse
+    percentile: float = 99.99         # for method="percentile"
+    per_channel: bool = True          # weights: per output channel (else per tensor)
+    act_dtype: str = "uint8"          # uint8 (asymmetric) | int8 (symmetric)
+    reduce_range: bool | None = None  # 7-bit weights; None: target default
+    skip: tuple = ()                  # layer names (ONNX node names) or op types to keep float
+    ops: tuple = ("conv2d", "matmul")
+    max_accuracy_drop: float | None = None  # points of top-1; None: no fallback search
+    eval_data: object = None          # batches {input: array} (+ optional "labels") for fallback
+    dynamic: bool = False             # matmul activations quantized at run time (not yet)
+    bias_correction: bool = False     # (not yet)
+    sqnr: bool = True                 # per-layer SQNR vs float in the summary
+    sqnr_samples: int = 64            # calibration samples used for SQNR
+    calib_limit: int | None = None    # use at most this many calibration samples
+    progress: bool | None = None      # None: progress bar when stderr is a terminal
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"unknown calibration method '{self.method}'; choose one of "
+                             f"{', '.join(METHODS)}")
+        if self.act_dtype not in ("uint8", "int8"):
+            raise InputError(f"activation dtype must be uint8 or int8, got '{self.act_dtype}'")
+        if not 50.0 < float(self.percentile) <= 100.0:
+            raise InputError(f"--percentile must be in (50, 100], got {self.percentile}")
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise InputError("--max-accuracy-drop must be >= 0")
+        bad = [o for o in self.ops if o not in ("conv2d", "matmul")]
+        if bad:
+            raise InputError(f"cannot quantize ops {bad}; supported: conv2d, matmul")
+
+
+@dataclass
+class QuantResult:
+    mod: object           # the int8 Relax IRModule
+    summary: dict         # JSON-serializable, stored as manifest["quantization"]
+    float_mod: object = None   # the prepared float module (same numerics as the import)
+    plan: object = None
+    qparams: dict = field(default_factory=dict)
+
+
+def _materialize(calib, inputs, limit=None):
+    """Calibration data as a re-iterable list of batches (a path is loaded first)."""
+    if calib is None:
+        raise InputError("int8 quantization needs calibration data: pass --calib DATA (an .npz "
+                         "keyed by input name, an .npy, or a directory of images), or "
+                         "--quantize none")
+    if isinstance(calib, (str, bytes)) or hasattr(calib, "__fspath__"):
+        calib = load_calibration(calib, inputs, limit=limit)
+    source = getattr(calib, "source", "calibration data")
+    if isinstance(calib, dict):
+        calib = [calib]
+    try:
+        batches = list(calib)
+    except TypeError:
+        raise InputError(f"{source}: calibration data must be a path or an iterable of "
+                         f"{{input_name: array}} dicts, got {type(calib).__name__}") from None
+    if limit is not None:
+        kept, total = [], 0
+        for b in batches:
+            if total >= limit:
+                break
+            first = next(iter(b.values())) if isinstance(b, dict) and b else None
+            n = len(first) if first is not None else 0
+            if isinstance(b, dict) and total + n > limit:
+                b = {k: v[:limit - total] for k, v in b.items()}
+                n = limit - total
+            kept.append(b)
+            total += n
+        batches = kept
+    if not batches:
+        raise InputError(f"{source}: calibration data is empty (no batches)")
+    return CalibrationData(batches, source)
+
+
+def _constant_bytes(mod) -> int:
+    """Bytes of every constant in ``mod``'s main (the weights as stored)."""
+    from . import _ir
+
+    total = 0
+    for binding in _ir.main_bindings(mod["main"]):
+        for arg in getattr(binding.value, "args", []):
+            array = _ir.const_value(arg)
+            if array is not None:
+                total += array.nbytes
+    return total
+
+
+def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None) -> QuantResult:
+    """Quantize an imported float model to int8 (see the module docstring)."""
+    from ..target import get_target
+
+    config = config or QuantConfig()
+    config.validate()
+    spec = get_target(spec)
+    if config.dynamic:
+        raise InputError("--dynamic (run-time activation scales) is not implemented yet; "
+                         "use static quantization with --calib")
+    reduce_range = spec.reduce_range if config.reduce_range is None else bool(config.reduce_range)
+    started = time.perf_counter()
+    data = _materialize(calib, imported.inputs, config.calib_limit)
+    float_mod = prepare(imported.mod)
+    plan = build_plan(float_mod, getattr(imported, "onnx_model", None), skip=config.skip,
+                      ops=config.ops)
+    extra = [l.out_var for l in plan.quantized()] if config.sqnr else []
+    observers, kept = calibrate(float_mod, plan, spec, data, imported.inputs,
+                                lambda: make_observer(config.method, config.percentile,
+                                                      config.act_dtype),
+                                progress=config.progress, extra=extra,
+                                keep_samples=config.sqnr_samples if config.sqnr else 0)
+    ranges = {var: obs.compute_range() for var, obs in observers.items()}
+    qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
+    qmod, records = realize(float_mod, plan, qparams, config.per_channel, reduce_range)
+
+    summary = {
+        "method": config.method,
+        "percentile": config.percentile if config.method == "percentile" else None,
+        "weights": {"dtype": "int8", "symmetric": True, "per_channel": config.per_channel,
+                    "bits": 7 if reduce_range else 8, "reduce_range": reduce_range},
+        "activations": {"dtype": config.act_dtype,
+                        "symmetric": config.act_dtype == "int8"},
+        "requantize": "float32 multiply + round-half-even, fused into the conv/matmul epilogue",
+        "calibration": {"source": getattr(data, "source", "calibration data"),
+                        "batches": len(data),
+                        "samples": int(sum(len(next(iter(b.values()))) for b in data))},
+        "target": spec.name,
+        "tensors": {var.name: {**qparams[var].to_dict(), "range": [float(lo), float(hi)]}
+                    for var, (lo, hi) in ranges.items()},
+        "layers": [],
+    }
+    by_name = {r["name"]: r for r in records}
+    for layer in plan.layers:
+        if layer.quantize:
+            summary["layers"].append(by_name[layer.name])
+        else:
+            summary["layers"].append({"name": layer.name, "op": layer.onnx_op,
+                                      "kind": layer.kind, "int8": False,
+                                      "reason": layer.reason})
+    result = QuantResult(mod=qmod, summary=summary, float_mod=float_mod, plan=plan,
+                         qparams=qparams)
+    if config.sqnr and plan.quantized():
+        _add_sqnr(result, spec, kept, imported.inputs, config)
+    if config.max_accuracy_drop is not None:
+        from .sensitivity import fallback_search
+
+        fallback_search(result, imported, data, config, spec, reduce_range)
+    _finish_summary(result, started)
+    return result
+
+
+def _add_sqnr(result, spec, kept, inputs, config) -> None:
+    """Per-layer and output SQNR: int8 module vs the float values kept from calibration."""
+    from .sensitivity import collect_outputs, layer_sqnr, output_array
+
+    layers = result.plan.quantized()
+    extra = [l.out_var for l in layers]
+    feeds = CalibrationData([feed for feed, _valid, _arrays in kept], "SQNR samples")
+    float_outs = [np.concatenate([np.asarray(a[i])[:valid] if np.ndim(a[i]) else a[i]
+                                  for _f, valid, a in kept]) for i in range(len(extra) + 1)]
+    int8_mod, _ = realize(result.float_mod, result.plan, result.qparams,
+                          result.summary["weights"]["per_channel"],
+                          result.summary["weights"]["reduce_range"], extra_outputs=extra)
+    int8_outs = collect_outputs(int8_mod, spec, feeds, inputs, config.progress, "SQNR")
+    int8_outs = [np.asarray(o)[:len(f)] for o, f in zip(int8_outs, float_outs)]
+    values = layer_sqnr(float_outs[1:], int8_outs[1:])
+    by_name = {r["name"]: r for r in result.summary["layers"]}
+    for layer, value in zip(layers, values):
+        by_name[layer.name]["sqnr_db"] = value
+    f_out, q_out = output_array(float_outs[0]), output_array(int8_outs[0])
+    result.summary["output_sqnr_db"] = layer_sqnr([f_out], [q_out])[0]
+    result.summary["sqnr_samples"] = int(len(f_out))
+    if f_out.ndim == 2:
+        result.summary["calib_top1_agreement"] = float(
+            np.mean(f_out.argmax(axis=1) == q_out.argmax(axis=1)))
+
+
+def _finish_summary(result, started) -> None:
+    summary = result.summary
+    summary["int8_layers"] = [l["name"] for l in summary["layers"] if l["int8"]]
+    summary["float_layers"] = [l["name"] for l in summary["layers"] if not l["int8"]]
+    fp32 = _constant_bytes(result.float_mod)
+    int8 = _constant_bytes(result.mod)
+    summary["weight_bytes"] = {"fp32": int(fp32), "int8": int(int8),
+                               "ratio": float(fp32 / int8) if int8 else None}
+    summary["time_s"] = round(time.perf_counter() - started, 3)
+    for key, value in list(summary.items()):
+        if isinstance(value, float) and not np.isfinite(value):
+            summary[key] = None if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    for layer in summary["layers"]:
+        v = layer.get("sqnr_db")
+        if isinstance(v, float) and not np.isfinite(v):
+            layer["sqnr_db"] = "inf"
+
+
+def config_dict(config: QuantConfig) -> dict:
+    out = asdict(config)
+    out.pop("eval_data", None)
+    return out

@@ -26,7 +26,7 @@ def const_value(expr) -> np.ndarray | None:
     """The numpy value of a ``relax.Constant``, else None."""
     from tvm import relax
 
-    if isinstance(expr, __import__("tvm").ir.expr.Constant):
+    if isinstance(expr, __import__("tvm").ir.expr.Constant) and hasattr(expr.value, "numpy"):
         return expr.value.numpy()
     return None
 

@@ -225,12 +225,17 @@ def run_with_outputs(mod, extra, spec, calib, inputs, on_batch, progress=None,
     ``outputs`` is ``[model output(s), *extra]`` as numpy arrays, rows beyond
     ``valid`` dropped where a tensor's axis 0 is the batch axis.
     """
+    run_module(observe_module(mod, extra), spec, calib, inputs, on_batch, progress, desc)
+
+
+def run_module(mod, spec, calib, inputs, on_batch, progress=None, desc="running"):
+    """Compile ``mod`` (main returns a tuple) and call ``on_batch(fields, valid)`` per batch."""
     import tvm
     from tvm import relax
 
     from ..pipeline import compile_relax
 
-    exe = compile_relax(observe_module(mod, extra), spec)
+    exe = compile_relax(mod, spec)
     vm = relax.VirtualMachine(exe, tvm.cpu())
     batch = inputs[0].shape[0]
     for feed, valid in iterate_batches(calib, inputs, progress, desc):
@@ -240,7 +245,10 @@ def run_with_outputs(mod, extra, spec, calib, inputs, on_batch, progress=None,
         if valid < batch:
             arrays = [a[:valid] if (isinstance(a, np.ndarray) and a.ndim and a.shape[0] == batch)
                       else a for a in arrays]
-        on_batch(arrays, valid)
+        if on_batch.__code__.co_argcount >= 3:
+            on_batch(arrays, valid, feed)
+        else:
+            on_batch(arrays, valid)
 
 
 def _to_numpy(value):
@@ -249,14 +257,28 @@ def _to_numpy(value):
     return [_to_numpy(v) for v in value]
 
 
-def calibrate(mod, plan, spec, calib, inputs, observer_factory, progress=None):
-    """Observe every root of ``plan`` over ``calib``; returns {root var: observer}."""
+def calibrate(mod, plan, spec, calib, inputs, observer_factory, progress=None, extra=(),
+              keep_samples: int = 0):
+    """Observe every root of ``plan`` over ``calib``; returns ``(observers, kept)``.
+
+    ``observers`` maps each root var to its observer. The same run also
+    returns the float values of ``extra`` (vars) for the first
+    ``keep_samples`` samples: ``kept`` is a list of ``(feed, valid, arrays)``
+    with ``arrays = [model output, *extra]`` -- the float reference for
+    per-layer SQNR, without a second float run.
+    """
     observers = {var: observer_factory() for var in plan.roots}
     roots = list(plan.roots)
+    kept = []
+    state = {"samples": 0}
 
-    def on_batch(arrays, _valid):
-        for var, array in zip(roots, arrays[1:]):
+    def on_batch(arrays, valid, feed):
+        for var, array in zip(roots, arrays[1:1 + len(roots)]):
             observers[var].update(array)
+        if state["samples"] < keep_samples:
+            kept.append((feed, valid, [arrays[0], *arrays[1 + len(roots):]]))
+            state["samples"] += valid
 
-    run_with_outputs(mod, roots, spec, calib, inputs, on_batch, progress)
-    return observers
+    run_module(observe_module(mod, roots + list(extra)), spec, calib, inputs, on_batch, progress,
+               "calibrating")
+    return observers, kept

@@ -1,0 +1,75 @@
+"""Command-line options of the quantizer, for the CLI's ``compile`` verb.
+
+``add_arguments(parser)`` adds the options (in their own argument group);
+``config_from_args(args, spec)`` turns the parsed namespace into a
+:class:`~qcompile.quantize.QuantConfig`. The CLI adds ``--quantize`` and
+``--calib`` itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .observers import METHODS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("int8 quantization (with --quantize int8)")
+    group.add_argument("--calib-method", choices=METHODS, default="minmax",
+                       help="how activation ranges are chosen from the calibration data "
+                            "(default: minmax)")
+    group.add_argument("--percentile", type=float, default=99.99,
+                       help="percentile for --calib-method percentile (default: 99.99)")
+    group.add_argument("--per-tensor", action="store_true",
+                       help="one weight scale per tensor instead of per output channel")
+    group.add_argument("--act-dtype", choices=("uint8", "int8"), default="uint8",
+                       help="activations: uint8 asymmetric (default) or int8 symmetric")
+    group.add_argument("--skip", action="append", default=[], metavar="NAME_OR_OP",
+                       help="keep a layer in float: an ONNX node name (e.g. /0/Conv) or an op "
+                            "type (Conv, Gemm, MatMul); repeatable")
+    rr = group.add_mutually_exclusive_group()
+    rr.add_argument("--reduce-range", dest="reduce_range", action="store_true", default=None,
+                    help="7-bit weights (avoids int16 saturation of AVX2 vpmaddubsw); the "
+                         "default for x86_64-avx2")
+    rr.add_argument("--no-reduce-range", dest="reduce_range", action="store_false",
+                    help="full 8-bit weights even where the target defaults to 7-bit")
+    group.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
+                       help="keep the most sensitive layers in float until top-1 (agreement "
+                            "with float, or accuracy when the data has labels) is within "
+                            "POINTS of float")
+    group.add_argument("--calib-limit", type=int, default=None, metavar="N",
+                       help="use at most N calibration samples")
+    group.add_argument("--no-sqnr", action="store_true",
+                       help="skip the per-layer SQNR measurement in the summary")
+    group.add_argument("--dynamic", action="store_true",
+                       help="dynamic quantization of matmul activations (not implemented yet)")
+    group.add_argument("--bias-correction", action="store_true",
+                       help="correct the per-channel mean shift of quantized weights "
+                            "(not implemented yet)")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress bar over calibration batches")
+
+
+def config_from_args(args: argparse.Namespace, spec=None):
+    """A QuantConfig from parsed arguments (``spec`` decides reduce_range when not given)."""
+    from . import QuantConfig
+
+    reduce_range = getattr(args, "reduce_range", None)
+    if reduce_range is None and spec is not None:
+        reduce_range = bool(spec.reduce_range)
+    config = QuantConfig(
+        method=getattr(args, "calib_method", "minmax"),
+        percentile=getattr(args, "percentile", 99.99),
+        per_channel=not getattr(args, "per_tensor", False),
+        act_dtype=getattr(args, "act_dtype", "uint8"),
+        reduce_range=reduce_range,
+        skip=tuple(getattr(args, "skip", None) or ()),
+        max_accuracy_drop=getattr(args, "max_accuracy_drop", None),
+        dynamic=getattr(args, "dynamic", False),
+        bias_correction=getattr(args, "bias_correction", False),
+        sqnr=not getattr(args, "no_sqnr", False),
+        calib_limit=getattr(args, "calib_limit", None),
+        progress=False if getattr(args, "no_progress", False) else None,
+    )
+    config.validate()
+    return config
