@@ -125,8 +125,12 @@ def _open_session(rpc, tracker, key, spec, options):
         return None, "local (this machine)"
     from . import rpc as rpc_mod
 
-    session = rpc_mod.connect(rpc=rpc, tracker=tracker, key=key or spec.rpc_key)
-    label = f"rpc {rpc}" if rpc else f"rpc tracker {tracker} key {key or spec.rpc_key}"
+    if rpc:  # a server reached directly matches a key only if it was started with one
+        session = rpc_mod.connect(rpc=rpc, key=key)
+        return session, f"rpc {rpc}"
+    key = key or spec.rpc_key
+    session = rpc_mod.connect(tracker=tracker, key=key)
+    label = f"rpc tracker {tracker} key {key}"
     return session, label
 
 
