@@ -97,6 +97,9 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
             setattr(report, kind, section)
             if kind == "int8":
                 report.quantization = artifact.manifest.get("quantization")
+                fp32_bytes = ((report.quantization or {}).get("weight_bytes") or {}).get("fp32")
+                if report.float is not None and fp32_bytes:
+                    report.float.setdefault("weight_bytes", fp32_bytes)
     finally:
         for section in (report.float, report.int8):
             if section:
@@ -174,10 +177,10 @@ def _measure_artifact(artifact, feeds, labels, reference, session, options, say)
                                                                                    threads),
                "library_bytes": artifact.manifest["library"]["bytes"], "_outputs": outputs}
     quant = artifact.manifest.get("quantization") or {}
-    if quant.get("weight_bytes_int8"):
-        section["weight_bytes"] = quant["weight_bytes_int8"]
-    elif quant.get("weight_bytes_fp32"):
-        section["weight_bytes"] = quant["weight_bytes_fp32"]
+    weight_bytes = quant.get("weight_bytes") or {}
+    if isinstance(weight_bytes, dict) and weight_bytes:
+        # fp32 weights for a float build, int8 (+ int32 bias) for a quantized one
+        section["weight_bytes"] = weight_bytes.get("int8" if artifact.quantized else "fp32")
     if reference is not None:
         section["agreement"] = compare_outputs(reference, outputs)
         section["agreement"]["reference"] = "onnxruntime float"
