@@ -265,3 +265,13 @@ def test_fixed_port_taken_is_clear_error(server):
     with pytest.raises(DeviceError, match="exited|did not bind|cannot bind"):
         rpc.start_server(port=server.port, startup_timeout=30)
     assert time.monotonic() - t0 < 30
+
+
+def test_server_key_mismatch_is_device_error():
+    with rpc.start_server(key="board-a") as srv:
+        t0 = time.monotonic()
+        with pytest.raises(DeviceError, match="different key"):
+            rpc.connect(srv.address, timeout_s=10)
+        assert time.monotonic() - t0 < 10
+        sess = rpc.connect(srv.address, key="board-a", timeout_s=10)
+        assert rpc.remote_device(sess) is not None
