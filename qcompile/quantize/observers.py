@@ -137,43 +137,43 @@ class PercentileObserver(HistogramObserver):
         return float(lo), float(hi)
 
 
+def _smooth(dist: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """Give empty bins a tiny mass and renormalize, so that KL stays finite."""
+    out = dist + eps * (dist == 0)
+    return out / out.sum()
+
+
 def _kl_threshold(hist: np.ndarray, levels: int, stride: int = 1) -> int:
     """Number of |x| bins to keep that minimises KL(P || Q), TensorRT-style.
 
     For each candidate ``i`` (>= ``levels``): P is the first ``i`` bins with the
-    tail mass added to the last kept bin; Q merges those ``i`` bins into
-    ``levels`` groups and spreads each group's mass evenly over the group's
-    non-empty bins. Returns the best ``i``.
+    clipped tail mass added to the last kept bin; Q merges those ``i`` bins
+    into ``levels`` groups and spreads each group's mass evenly over the
+    group's bins where P is non-empty. Both are normalized and smoothed (empty
+    bins get a tiny mass) before the divergence. Returns the best ``i``.
     """
     n = len(hist)
-    if n <= levels:
-        return n
-    total = hist.sum()
-    if total == 0:
+    if n <= levels or hist.sum() == 0:
         return n
     best_i, best_kl = n, np.inf
     tail = np.concatenate([np.cumsum(hist[::-1])[::-1], [0.0]])  # tail[i] = sum(hist[i:])
-    for i in range(levels, n + 1, stride):
+    candidates = list(range(levels, n + 1, stride))
+    if candidates[-1] != n:
+        candidates.append(n)
+    for i in candidates:
         p = hist[:i].copy()
         p[i - 1] += tail[i]
-        # group index of each of the i bins
         group = (np.arange(i) * levels) // i
-        nonzero = (hist[:i] > 0).astype(np.float64)
+        nonzero = (p > 0).astype(np.float64)
         mass = np.bincount(group, weights=hist[:i], minlength=levels)
         support = np.bincount(group, weights=nonzero, minlength=levels)
         per_bin = np.divide(mass, support, out=np.zeros(levels), where=support > 0)
         q = per_bin[group] * nonzero
-        psum, qsum = p.sum(), q.sum()
-        if qsum == 0:
+        if q.sum() == 0:
             continue
-        p = p / psum
-        q = q / qsum
-        mask = p > 0
-        qm = q[mask]
-        if np.any(qm == 0):
-            kl = np.inf
-        else:
-            kl = float(np.sum(p[mask] * np.log(p[mask] / qm)))
+        p = _smooth(p / p.sum())
+        q = _smooth(q / q.sum())
+        kl = float(np.sum(p * np.log(p / q)))
         if kl < best_kl:
             best_kl, best_i = kl, i
     return best_i

@@ -70,7 +70,9 @@ def _scalar(expr) -> float | None:
     value = _ir.const_value(expr)
     if value is not None and value.size == 1:
         return float(value.reshape(-1)[0])
-    inner = getattr(expr, "value", None)  # PrimValue -> FloatImm / IntImm
+    inner = getattr(expr, "value", None)  # PrimValue -> float, or FloatImm / IntImm
+    if isinstance(inner, (int, float)):
+        return float(inner)
     if inner is not None and hasattr(inner, "value"):
         return float(inner.value)
     return None

@@ -13,7 +13,8 @@ the quantizer matches:
       y = conv2d(x, W)            [+ add(y, b[1, C, 1, 1])]
       y = matmul(x, W[K, N])      [+ add(y, b[N])]
 
-  optionally followed by ``relu`` / ``clip``.
+  optionally followed by ``relu`` / ``clip`` (ONNX Clip, which imports as a pair
+  of ``call_tir`` max/min kernels, is turned back into ``relax.clip``).
 
 Each step is an ``IRModule -> IRModule`` function; ``prepare`` runs them all.
 """
@@ -166,8 +167,78 @@ def fold_affine(mod):
     return _ir.rewrite_main(mod, visit)
 
 
+def _call_tir_minmax(mod, value):
+    """("max"|"min", x, scalar) for ``call_tir(maximum|minimum, (x, scalar const))``."""
+    if _ir.op_name(value) != "relax.call_tir":
+        return None
+    callee, args = value.args[0], value.args[1]
+    name = getattr(callee, "name_hint", "")
+    kind = "max" if name.startswith("maximum") else "min" if name.startswith("minimum") else None
+    if kind is None or len(getattr(args, "fields", ())) != 2:
+        return None
+    x, bound = args.fields
+    array = _ir.const_value(bound)
+    if array is None or array.size != 1 or _ir.tensor_dtype(x) != "float32":
+        return None
+    try:
+        text = mod[callee].script()
+    except Exception:  # noqa: BLE001 - not a PrimFunc we can read
+        return None
+    if f"T.{kind}(" not in text:
+        return None
+    return kind, x, float(array.reshape(-1)[0])
+
+
+def canonicalize_clip(mod):
+    """ONNX Clip imports as ``call_tir(maximum)`` then ``call_tir(minimum)`` with scalar
+    bounds; turn the pair into ``relax.clip`` (and a lone ``max(x, 0)`` into ``relu``)
+    so that the quantizer can fuse it into the epilogue."""
+    from tvm import relax
+
+    func = mod["main"]
+    bindings = _ir.main_bindings(func)
+    uses = _ir.use_map(func)
+    replace, absorbed = {}, set()
+    for binding in bindings:
+        found = _call_tir_minmax(mod, binding.value)
+        if found is None or found[0] != "max":
+            continue
+        _kind, x, lo = found
+        users = uses.get(binding.var, [])
+        if len(users) == 1 and users[0] != "return":
+            nxt = _call_tir_minmax(mod, users[0].value)
+            if nxt is not None and nxt[0] == "min" and nxt[1].same_as(binding.var):
+                absorbed.add(binding.var)
+                replace[users[0].var] = ("clip", x, lo, nxt[2])
+                continue
+        if lo == 0.0:
+            replace[binding.var] = ("relu", x)
+
+    if not replace:
+        return mod
+
+    def visit(bb, binding, remap):
+        var = binding.var
+        if var in absorbed:
+            return
+        if var not in replace:
+            _ir.copy_binding(bb, binding, remap)
+            return
+        spec = replace[var]
+        x = _ir.substitute(spec[1], remap)
+        if spec[0] == "relu":
+            remap[var] = bb.emit(relax.op.nn.relu(x), name_hint=var.name)
+        else:
+            remap[var] = bb.emit(relax.op.clip(x, relax.prim_value(spec[2], "float32"),
+                                               relax.prim_value(spec[3], "float32")),
+                                 name_hint=var.name)
+
+    return _ir.rewrite_main(mod, visit)
+
+
 def prepare(mod):
     """The canonical float module the quantizer matches (see the module docstring)."""
     mod = simplify(mod)
+    mod = canonicalize_clip(mod)
     mod = fold_affine(mod)
     return simplify(mod)
