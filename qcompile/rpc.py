@@ -27,6 +27,7 @@ Nothing heavier than the standard library is imported at module import time;
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -58,6 +59,7 @@ __all__ = [
     "upload_and_load",
     "remote_device",
     "board_info",
+    "remote_errors",
 ]
 
 # TVM RPC wire constants (tvm/rpc/base.py); duplicated so that probing a
@@ -669,3 +671,30 @@ def board_info(session) -> dict:
         return info if isinstance(info, dict) else {}
     except Exception:  # noqa: BLE001 - absent file, old server, closed session
         return {}
+
+
+@contextlib.contextmanager
+def remote_errors(address: str, action: str):
+    """Turn a failure of a remote call into :class:`DeviceError` naming the board.
+
+    A board that dies mid-run makes the next remote call raise a bare TVM error
+    ("Check failed: code == RPCCode::kReturn"); wrap each step so the report can
+    say which step on which board failed and keep what was already measured::
+
+        with rpc.remote_errors(addr, "timing the int8 module"):
+            res = vm.time_evaluator("main", dev, number=10, repeat=3)(*args)
+    """
+    try:
+        yield
+    except DeviceError:
+        raise
+    except (RuntimeError, OSError) as err:
+        full = str(err).lower()
+        lost = isinstance(err, OSError) or any(
+            w in full for w in ("rpccode", "connection", "socket", "closed", "reset",
+                                "broken pipe", "rpcsessiontimeout"))
+        hint = ("the board died or dropped the session (check `tools/arm-board status` or the "
+                "board's server), reconnect and retry" if lost else
+                "the board reported this error while running")
+        raise DeviceError(f"{action} on the board at {address} failed: "
+                          f"{_tvm_error_text(err)}; {hint}") from err

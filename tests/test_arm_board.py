@@ -121,6 +121,10 @@ def test_float_module_on_board(session, tmp_path, target):
     b = rng.standard_normal((16,), dtype=np.float32)
     out = vm["main"](*(tvm.runtime.tensor(v, dev) for v in (x, w, b))).numpy()
     np.testing.assert_allclose(out, np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-5)
+    # measure times on the board with the remote time evaluator (runtime-only board)
+    args = [tvm.runtime.tensor(v, dev) for v in (x, w, b)]
+    res = vm.time_evaluator("main", dev, number=2, repeat=2)(*args)
+    assert len(res.results) == 2 and res.mean > 0
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

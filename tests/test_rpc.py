@@ -275,3 +275,16 @@ def test_server_key_mismatch_is_device_error():
         assert time.monotonic() - t0 < 10
         sess = rpc.connect(srv.address, key="board-a", timeout_s=10)
         assert rpc.remote_device(sess) is not None
+
+
+def test_board_dying_mid_session_is_device_error():
+    srv = rpc.start_server()
+    sess = rpc.connect(srv.address, timeout_s=20)
+    dev = rpc.remote_device(sess)
+    arr = tvm.runtime.tensor(np.ones(4, "float32"), dev)
+    srv.stop()
+    t0 = time.monotonic()
+    with pytest.raises(DeviceError, match="copying the output back.*" + srv.address + ".*died"):
+        with rpc.remote_errors(srv.address, "copying the output back"):
+            arr.numpy()
+    assert time.monotonic() - t0 < 3
