@@ -133,3 +133,11 @@ def test_make_observer_same_interface(rng, method):
 def test_make_observer_unknown():
     with pytest.raises(ValueError, match="unknown calibration method"):
         make_observer("magic")
+
+
+def test_entropy_spike_on_one_side_does_not_clip_the_other(rng):
+    # like a normalized image: most pixels are the black background (-0.81)
+    data = np.concatenate([np.full(700_000, -0.81), rng.uniform(0.0, 2.0, 300_000)])
+    lo, hi = feed(EntropyObserver(), data).compute_range()
+    assert lo == pytest.approx(-0.81)
+    assert hi > 1.8

@@ -180,11 +180,15 @@ def _kl_threshold(hist: np.ndarray, levels: int, stride: int = 1) -> int:
 
 
 class EntropyObserver(HistogramObserver):
-    """KL-divergence-minimising symmetric threshold ``t``; range ``[max(min,-t), min(max,t)]``.
+    """KL-divergence-minimising clipping thresholds, one per side of zero.
 
-    ``levels`` is the number of quantization levels on each side of zero: 128
-    for signed data; for non-negative data (after ReLU) quantized as uint8 all
-    256 levels lie on one side, so 255 is used when ``unsigned`` is set.
+    Each side's magnitude histogram (exact zeros left out) gets its own KL
+    search with TensorRT's 128 target levels (the search with all 255 uint8
+    levels on one side clipped far more: on the bundled CNN's first ReLU
+    output it kept [0, 1.98] of [0, 6.99], 13 dB SQNR, vs [0, 3.05], 20 dB). A
+    single search on |x| would let a spike on one side (an image's black
+    background) decide the threshold of the other. Returns ``(-t_neg, t_pos)``
+    within the observed min/max. ``unsigned`` is kept for API stability.
     """
 
     def __init__(self, bins: int = 4096, unsigned: bool = True, max_candidates: int = 512):
@@ -192,16 +196,28 @@ class EntropyObserver(HistogramObserver):
         self.unsigned = unsigned
         self.max_candidates = max_candidates
 
+    def _side(self, hist: np.ndarray, levels: int) -> float:
+        levels = max(8, min(int(levels), len(hist)))
+        stride = max(1, (len(hist) - levels) // self.max_candidates)
+        return _kl_threshold(hist, levels, stride) * self.width
+
     def compute_range(self):
         self._require_data()
-        hist = self.abs_hist(drop_zeros=True)
-        levels = 255 if (self.unsigned and self.min >= 0) else 128
-        stride = max(1, (len(hist) - levels) // self.max_candidates)
-        keep = _kl_threshold(hist, levels, stride)
-        t = keep * self.width
-        lo = max(self.min, -t)
-        hi = min(self.max, t)
-        return float(lo), float(hi)
+        half = self.bins // 2
+        pos = self.hist[half:].copy()
+        neg = self.hist[:half][::-1].copy()
+        # bin 0 of each side holds the exact zeros (the histogram is centred on 0)
+        zeros_left = self.zeros
+        for side in (pos, neg):
+            take = min(side[0], zeros_left)
+            side[0] -= take
+            zeros_left -= take
+        lo, hi = min(self.min, 0.0), max(self.max, 0.0)
+        pos_levels = neg_levels = 128
+        t_pos = self._side(pos, pos_levels) if hi > 0 and pos.sum() > 0 else 0.0
+        t_neg = self._side(neg, neg_levels) if lo < 0 and neg.sum() > 0 else 0.0
+        return float(max(self.min, -t_neg) if lo < 0 else self.min), \
+            float(min(self.max, t_pos) if hi > 0 else self.max)
 
 
 def _quant_mse(centers, counts, lo, hi, levels, symmetric) -> float:

@@ -1,0 +1,123 @@
+"""Top-1 on the bundled Fashion-MNIST CNN: float vs qcompile int8 vs ONNX Runtime int8.
+
+    .venv/bin/python benchmarks/quant_accuracy.py [--target x86_64-avx2] [--methods ...]
+
+Same 256 calibration images (examples/fashion_mnist_calib.npz) for every int8
+row; accuracy on the committed 2000-image test slice (examples/fashion_mnist_test.npz).
+ONNX Runtime's row is ``quantize_static(QuantFormat.QDQ, per_channel=True)``
+(uint8 activations, int8 weights, MinMax calibration), run by ORT itself.
+Prints a Markdown table; not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def ort_logits(model_path, x):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + 100]})[0]
+                           for i in range(0, len(x), 100)])
+
+
+def ort_quantize(model_path, calib, out_path, reduce_range=False):
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": calib[i:i + 32]} for i in range(0, len(calib), 32)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantize_static(str(model_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, reduce_range=reduce_range)
+
+
+def tvm_logits(mod, spec, x):
+    import tvm
+    from tvm import relax
+
+    from qcompile.pipeline import compile_relax
+
+    vm = relax.VirtualMachine(compile_relax(mod, spec), tvm.cpu())
+    return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy()
+                           for i in range(len(x))])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="x86_64-avx2")
+    parser.add_argument("--methods", nargs="+", default=["minmax", "percentile", "entropy", "mse"])
+    parser.add_argument("--model", default=str(EXAMPLES / "fashion_mnist_cnn.onnx"))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("QCOMPILE_NO_PROGRESS", "1")
+
+    from qcompile.frontend import import_onnx
+    from qcompile.quantize import QuantConfig, load_calibration, quantize_model
+    from qcompile.target import get_target
+
+    spec = get_target(args.target)
+    test = np.load(EXAMPLES / "fashion_mnist_test.npz")
+    x, labels = test["input"], test["labels"]
+    calib_x = np.load(EXAMPLES / "fashion_mnist_calib.npz")["input"]
+
+    rows = []
+
+    def add(name, logits, float_logits, seconds=None, note=""):
+        acc = 100 * np.mean(logits.argmax(1) == labels)
+        agree = 100 * np.mean(logits.argmax(1) == float_logits.argmax(1))
+        rows.append((name, acc, agree, seconds, note))
+        print(f"  {name}: {acc:.2f}%", file=sys.stderr)
+
+    float_ref = ort_logits(args.model, x)
+    add("float (ONNX Runtime)", float_ref, float_ref)
+    imported = import_onnx(args.model)
+    add("float (qcompile)", tvm_logits(imported.mod, spec, x), float_ref)
+    for method in args.methods:
+        started = time.perf_counter()
+        calib = load_calibration(EXAMPLES / "fashion_mnist_calib.npz", imported.inputs)
+        result = quantize_model(imported, calib, QuantConfig(method=method, progress=False), spec)
+        seconds = time.perf_counter() - started
+        bits = result.summary["weights"]["bits"]
+        add(f"qcompile int8, {method}", tvm_logits(result.mod, spec, x), float_ref, seconds,
+            f"per-channel {bits}-bit weights, uint8 activations")
+    with tempfile.TemporaryDirectory() as tmp:
+        for reduce_range in (False, True):
+            out = Path(tmp) / f"ort_int8_{reduce_range}.onnx"
+            started = time.perf_counter()
+            ort_quantize(args.model, calib_x, out, reduce_range)
+            seconds = time.perf_counter() - started
+            add(f"ORT quantize_static QDQ{' reduce_range' if reduce_range else ''}",
+                ort_logits(out, x), float_ref, seconds,
+                f"per-channel {7 if reduce_range else 8}-bit weights, uint8 activations, MinMax")
+
+    print(f"\nBundled Fashion-MNIST CNN, committed 2000-image test slice, target {spec.name}, "
+          f"256 calibration images\n")
+    print("| model | top-1 (%) | top-1 agreement with float (%) | quantize time (s) | notes |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, acc, agree, seconds, note in rows:
+        t = f"{seconds:.1f}" if seconds is not None else ""
+        print(f"| {name} | {acc:.2f} | {agree:.2f} | {t} | {note} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
