@@ -1,0 +1,1053 @@
+"""Autotuning with MetaSchedule (``tvm.s_tir.meta_schedule``) and its XGBoost cost model.
+
+``tune`` extracts the tasks of exactly the fused-TIR module ``compile`` builds
+(:func:`qcompile.pipeline.fuse`), tunes them with MetaSchedule's gradient task
+scheduler, evolutionary search and XGB cost model, and appends every measured
+schedule to a MetaSchedule ``JSONDatabase`` in ``log_dir``
+(``database_workload.json`` + ``database_tuning_record.json``, one JSON value
+per line). Nothing here is a tuner, tracker, runner or cost model of its own:
+it wires TVM's together and adds what a user needs around them:
+
+* **Kill safety.** The database is append-only: MetaSchedule appends one line
+  per workload/record as soon as it is measured. A SIGKILL can at worst leave a
+  torn *last* line; :func:`load_database` drops it and reports it, and
+  :func:`tune` moves it aside (``*.torn``) before appending again, so no record
+  written before the kill is lost.
+* **Resume.** ``trials`` is the total for the model: a second run counts the
+  records already in the database for these workloads and tunes the rest,
+  seeded from those records.
+* **Budget / Ctrl-C.** A measure callback stops the scheduler after the batch
+  in flight once ``budget_minutes`` is spent or on the first Ctrl-C (a second
+  Ctrl-C aborts at once). Records measured so far are kept either way.
+* **Boards.** ``rpc_tracker="host:port"`` measures through MetaSchedule's
+  ``RPCRunner`` on every board registered under ``rpc_key``; a trial whose
+  board died is re-submitted (through the same RPC runner, so the tracker
+  hands it to a live board). Targets that cannot run here and have no tracker
+  get a builder-only run that says so.
+* **Builder workers** pre-import TVM's tensor intrinsics, with the import made
+  cheap (about 18 s -> 3 s here, 47-70 s elsewhere): TVMScript's parser calls
+  ``inspect.stack()`` for every ``@T.prim_func``, and ``inspect`` resolves the
+  module of every frame through ``sys.modules`` each time. While importing, a
+  frame walker that reads the same file/line information straight from the
+  frames stands in for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .errors import TuningError
+
+DB_WORKLOAD = "database_workload.json"
+DB_RECORD = "database_tuning_record.json"
+META_FILE = "qcompile_tune.json"
+# MetaSchedule stores a failed build/run as a record with this run time.
+_FAILED_SECS = 1e9
+SHIPPED_LOG_DIR = Path(__file__).resolve().parent.parent / "tuning_logs"
+
+_log = logging.getLogger("qcompile.tune")
+
+
+class TuningLogWarning(UserWarning):
+    """A tuning database was loaded with lines dropped or records ignored."""
+
+
+# --------------------------------------------------------------------------------------
+# Cheap import of tvm.s_tir.tensor_intrin (main process and builder workers)
+# --------------------------------------------------------------------------------------
+
+
+def _frame_infos(frame, context: int = 1) -> list:
+    import inspect
+    import linecache
+
+    infos = []
+    while frame is not None:
+        code = frame.f_code
+        filename, lineno = code.co_filename, frame.f_lineno
+        lines, index = None, None
+        if context > 0:
+            line = linecache.getline(filename, lineno)
+            if line:
+                lines, index = [line], 0
+        infos.append(inspect.FrameInfo(frame, filename, lineno, code.co_name, lines, index))
+        frame = frame.f_back
+    return infos
+
+
+def _fast_stack(context: int = 1) -> list:
+    return _frame_infos(sys._getframe(1), context)  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def fast_inspect():
+    """Make ``inspect.stack``/``getouterframes`` cheap while TVMScript parses at import.
+
+    Same frames, file names, line numbers and (one-line) code context; only the
+    per-frame module lookup through ``sys.modules`` (and the source-file search
+    it feeds) is skipped.
+    """
+    import inspect
+
+    saved = inspect.stack, inspect.getouterframes
+    inspect.stack, inspect.getouterframes = _fast_stack, _frame_infos
+    try:
+        yield
+    finally:
+        inspect.stack, inspect.getouterframes = saved
+
+
+def import_tensor_intrinsics() -> float:
+    """Import ``tvm.s_tir.tensor_intrin`` (registers TVM's tensor intrinsics); seconds taken."""
+    start = time.perf_counter()
+    if "tvm.s_tir.tensor_intrin" not in sys.modules:
+        with fast_inspect():
+            import tvm.s_tir.tensor_intrin  # noqa: F401  pylint: disable=unused-import
+    return time.perf_counter() - start
+
+
+def _builder_worker_init(cuda_nvcc: bool = False) -> None:
+    """LocalBuilder worker initializer: ignore Ctrl-C, pre-import what builds need."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if cuda_nvcc:
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+    import tvm  # noqa: F401  pylint: disable=unused-import
+    from tvm.s_tir.meta_schedule.builder import local_builder  # noqa: F401
+
+    import_tensor_intrinsics()
+
+
+def _runner_worker_init() -> None:
+    """Runner worker initializer: the parent handles Ctrl-C, workers finish their trial."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _export_cross(cross_compiler: str, mod) -> str:
+    """Builder export for cross targets: a shared library linked by the target's compiler."""
+    import tempfile
+
+    from tvm.support import cc
+
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Target identity of records
+# --------------------------------------------------------------------------------------
+
+_ISA_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "neon", "dotprod", "i8mm", "sve")
+
+
+def target_fingerprint(target) -> tuple:
+    """What makes a record for ``target`` valid on another target.
+
+    Kind, architecture and the int8-relevant ISA features LLVM derives from
+    mcpu/mattr; not the CPU name or core count (a record tuned for ``haswell``
+    is valid AVX2 code on ``znver3``, but not a ``cascadelake`` VNNI record).
+    """
+    from tvm.target import Target, codegen
+
+    if not isinstance(target, Target):
+        target = Target(target)
+    kind = target.kind.name
+    if kind == "cuda":
+        return ("cuda", str(target.attrs.get("arch", "")))
+    if kind != "llvm":
+        return (kind,)
+    triple = str(target.attrs.get("mtriple", "") or "")
+    arch = triple.split("-")[0] if triple else os.uname().machine
+    if arch in ("x86_64", "amd64"):
+        arch = "x86_64"
+    feats = []
+    for feat in _ISA_FEATURES:
+        try:
+            if codegen.target_has_features(feat, target):
+                feats.append(feat)
+        except Exception:  # noqa: BLE001 - feature unknown to this arch
+            pass
+    return ("llvm", arch, tuple(feats))
+
+
+# --------------------------------------------------------------------------------------
+# Database files: scan, repair, load
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DatabaseReport:
+    """What :func:`load_database` found in one log directory."""
+
+    log_dir: str
+    workloads: int = 0
+    records: int = 0  # usable records kept (measured, for the requested target)
+    failed_records: int = 0  # failed builds/runs MetaSchedule logged (never applied)
+    other_target_records: int = 0
+    other_targets: list = dataclasses.field(default_factory=list)
+    torn_lines: list = dataclasses.field(default_factory=list)  # "file:line"
+    orphan_records: int = 0  # records whose workload line was torn
+    messages: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _split_lines(path: Path) -> tuple[list[tuple[int, str]], bytes | None, int]:
+    """Complete lines of ``path`` as (lineno, text), the torn tail (or None), good length."""
+    data = path.read_bytes()
+    lines: list[tuple[int, str]] = []
+    good_end = 0
+    pos = 0
+    lineno = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        lineno += 1
+        if nl < 0:  # no newline: written partly when the process died
+            return lines, data[pos:], good_end
+        raw = data[pos:nl]
+        pos = nl + 1
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None or (text.strip() and not _is_json(text)):
+            if pos >= len(data) or not data[pos:].strip():
+                # The last line, newline and all, but not JSON: treat as torn.
+                return lines, data[good_end:], good_end
+            raise TuningError(f"{path}:{lineno}: tuning database line is not valid JSON "
+                              f"(file corrupt; move it away or delete it to start over)")
+        if text.strip():
+            lines.append((lineno, text))
+        good_end = pos
+    return lines, None, good_end
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _scan(log_dir: Path):
+    """Parse both files of a JSONDatabase, tolerating a torn last line in each."""
+    wl_path, rec_path = log_dir / DB_WORKLOAD, log_dir / DB_RECORD
+    report = DatabaseReport(log_dir=str(log_dir))
+    workloads: list[Any] = []
+    records: list[tuple[int, Any, int]] = []
+    tails = {}
+    if wl_path.exists():
+        lines, tail, good = _split_lines(wl_path)
+        if tail is not None:
+            tails[wl_path] = good
+            report.torn_lines.append(f"{wl_path}:{len(lines) + 1}")
+        for lineno, text in lines:
+            obj = json.loads(text)
+            if not (isinstance(obj, list) and len(obj) == 2):
+                raise TuningError(f"{wl_path}:{lineno}: not a MetaSchedule workload entry")
+            workloads.append(obj)
+    if rec_path.exists():
+        lines, tail, good = _split_lines(rec_path)
+        if tail is not None:
+            tails[rec_path] = good
+            report.torn_lines.append(f"{rec_path}:{len(lines) + 1}")
+        for lineno, text in lines:
+            obj = json.loads(text)
+            if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)
+                    and isinstance(obj[1], list) and len(obj[1]) >= 3):
+                raise TuningError(f"{rec_path}:{lineno}: not a MetaSchedule tuning record")
+            records.append((obj[0], obj[1], lineno))
+    return workloads, records, report, tails
+
+
+def repair_log_dir(log_dir: str | os.PathLike) -> DatabaseReport:
+    """Cut a torn last line off each database file (kept aside as ``<file>.torn``).
+
+    MetaSchedule appends to these files; appending after a line without its
+    newline would merge two records into one corrupt line, so :func:`tune`
+    calls this before opening the database. Complete lines are never touched.
+    """
+    log_dir = Path(log_dir)
+    _, _, report, tails = _scan(log_dir)
+    for path, good_end in tails.items():
+        data = path.read_bytes()
+        with open(f"{path}.torn", "ab") as aside:
+            aside.write(data[good_end:] + b"\n")
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+            fh.flush()
+            os.fsync(fh.fileno())
+        msg = (f"{path}: dropped a torn last line ({len(data) - good_end} bytes, from a run "
+               f"killed mid-write); kept aside in {path.name}.torn")
+        report.messages.append(msg)
+    return report
+
+
+def _run_secs_mean(run_secs) -> float:
+    vals = [float(v) for v in (run_secs or [])]
+    return sum(vals) / len(vals) if vals else float("inf")
+
+
+def _meta(log_dir: Path) -> dict:
+    try:
+        return json.loads((log_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def inspect_database(log_dir, spec=None):
+    """Load one log directory into a MemoryDatabase; returns (database, DatabaseReport).
+
+    Records of another target (see :func:`target_fingerprint`) and failed
+    trials are left out; a torn last line is dropped and reported; any other
+    unreadable line raises :class:`TuningError` naming the file and line.
+    """
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.target import Target
+
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        raise TuningError(f"{log_dir}: tuning log directory does not exist")
+    if not (log_dir / DB_WORKLOAD).exists():
+        raise TuningError(f"{log_dir}: no {DB_WORKLOAD} here; not a tuning log directory")
+    workloads, records, report, _ = _scan(log_dir)
+    for torn in report.torn_lines:
+        report.messages.append(f"{torn}: dropped a torn last line (a run was killed mid-write)")
+    want = None
+    if spec is None:
+        name = _meta(log_dir).get("target")
+        if name:
+            from .target import get_target
+
+            try:
+                spec = get_target(name)
+            except Exception:  # noqa: BLE001 - descriptor gone: keep all records
+                spec = None
+    if spec is not None:
+        want = target_fingerprint(spec.tvm_target())
+    db = ms.database.MemoryDatabase(module_equality="structural")
+    committed: dict[int, Any] = {}
+    fp_cache: dict[str, tuple] = {}
+    others: dict[str, int] = {}
+    for index, rec_json, lineno in records:
+        if index < 0 or index >= len(workloads):
+            report.orphan_records += 1
+            continue
+        if _run_secs_mean(rec_json[1]) >= _FAILED_SECS:
+            report.failed_records += 1
+            continue
+        tkey = json.dumps(rec_json[2], sort_keys=True)
+        if tkey not in fp_cache:
+            try:
+                fp_cache[tkey] = target_fingerprint(Target(rec_json[2]))
+            except Exception as exc:  # noqa: BLE001
+                raise TuningError(f"{log_dir / DB_RECORD}:{lineno}: record has a target TVM "
+                                  f"cannot read: {exc}") from None
+        if want is not None and fp_cache[tkey] != want:
+            report.other_target_records += 1
+            others[tkey] = others.get(tkey, 0) + 1
+            continue
+        try:
+            if index not in committed:
+                workload = ms.database.Workload.from_json(workloads[index])
+                committed[index] = db.commit_workload(workload.mod)
+            record = ms.database.TuningRecord.from_json(rec_json, committed[index])
+        except Exception as exc:  # noqa: BLE001
+            raise TuningError(f"{log_dir / DB_RECORD}:{lineno}: MetaSchedule cannot read this "
+                              f"record: {str(exc).splitlines()[-1] if str(exc) else exc}") from None
+        db.commit_tuning_record(record)
+        report.records += 1
+    report.workloads = len(committed)
+    report.other_targets = sorted(others)
+    if report.orphan_records:
+        report.messages.append(f"{log_dir}: ignored {report.orphan_records} record(s) whose "
+                               "workload line was torn")
+    if report.other_target_records:
+        report.messages.append(
+            f"{log_dir}: ignored {report.other_target_records} record(s) tuned for another "
+            f"target ({'; '.join(report.other_targets)}); compiling for "
+            f"{spec.name if spec else '?'}")
+    return db, report
+
+
+def load_database(log_dir, spec=None, *, with_report: bool = False):
+    """The tuning records in ``log_dir`` (a directory or a list of them) as a Database.
+
+    ``spec``: only records valid for this target are kept (default: the target
+    the directory was tuned for, from its ``qcompile_tune.json``). Problems that
+    do not stop loading (torn last line, records of another target) are reported
+    with a :class:`TuningLogWarning`; ``with_report=True`` also returns the
+    :class:`DatabaseReport` list.
+    """
+    dirs = [log_dir] if isinstance(log_dir, (str, os.PathLike)) else list(log_dir)
+    if spec is not None:
+        from .target import get_target
+
+        spec = get_target(spec)
+    reports = []
+    merged = None
+    for d in dirs:
+        db, report = inspect_database(d, spec)
+        reports.append(report)
+        for msg in report.messages:
+            warnings.warn(msg, TuningLogWarning, stacklevel=2)
+        if merged is None:
+            merged = db
+        else:
+            for rec in db.get_all_tuning_records():
+                wl = merged.commit_workload(rec.workload.mod)
+                from tvm.s_tir import meta_schedule as ms
+
+                merged.commit_tuning_record(ms.database.TuningRecord(
+                    rec.trace, wl, rec.run_secs, rec.target, rec.args_info))
+    if merged is None:
+        raise TuningError("load_database: no log directory given")
+    return (merged, reports) if with_report else merged
+
+
+def shipped_log_dirs(spec) -> list[Path]:
+    """The shipped ``tuning_logs/*`` directories tuned for ``spec``'s target."""
+    from .target import get_target
+
+    spec = get_target(spec)
+    out = []
+    if SHIPPED_LOG_DIR.is_dir():
+        for d in sorted(SHIPPED_LOG_DIR.iterdir()):
+            if (d / DB_WORKLOAD).exists() and _meta(d).get("target") == spec.name:
+                out.append(d)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Tasks and coverage
+# --------------------------------------------------------------------------------------
+
+
+def extract_tasks(mod, spec):
+    """MetaSchedule tasks of the fused module ``compile`` builds for ``spec``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .pipeline import fuse
+
+    target = spec.tvm_target()
+    fused = fuse(mod, target)
+    return [t for t in ms.relax_integration.extract_tasks(fused, target)
+            if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+
+
+def coverage_detail(mod, spec, db) -> tuple[list[str], list[str]]:
+    """(kernels a record in ``db`` schedules, kernels left to the default schedules).
+
+    Runs the very pass ``compile`` runs (``MetaScheduleApplyDatabase``) on the
+    fused module, so "covered" means "compile will use the tuned record".
+    """
+    import tvm
+    from tvm import relax, tirx
+
+    from .pipeline import fuse
+    from .target import get_target
+
+    spec = get_target(spec)
+    target = spec.tvm_target()
+    fused = fuse(mod, target)
+
+    def scheduled(m):
+        return {gv.name_hint for gv, f in m.functions.items()
+                if isinstance(f, tirx.PrimFunc) and f.attrs is not None
+                and bool(f.attrs.get("tirx.is_scheduled", False))}
+
+    kernels = sorted(gv.name_hint for gv, f in fused.functions.items()
+                     if isinstance(f, tirx.PrimFunc))
+    before = scheduled(fused)
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        applied = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(fused)
+    tuned = sorted(scheduled(applied) - before)
+    untuned = [k for k in kernels if k not in before and k not in tuned]
+    return tuned, untuned
+
+
+def database_coverage(mod, spec, db) -> tuple[int, int]:
+    """(fused kernels of ``mod`` that compile will take from ``db``, all fused kernels)."""
+    tuned, untuned = coverage_detail(mod, spec, db)
+    return len(tuned), len(tuned) + len(untuned)
+
+
+def _flops(mod) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(mod))
+    except Exception:  # noqa: BLE001
+        return 0.0
+
+
+def default_log_dir(model_name: str, spec) -> str:
+    from .target import get_target
+
+    return os.path.join(".", "tuning_logs", f"{model_name}-{get_target(spec).name}") + os.sep
+
+
+# --------------------------------------------------------------------------------------
+# Progress, budget and Ctrl-C
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TaskSummary:
+    name: str
+    weight: int
+    trials: int = 0  # trials in the database for this task (this run + earlier runs)
+    trials_this_run: int = 0
+    build_errors: int = 0
+    run_errors: int = 0
+    best_us: float | None = None
+
+
+@dataclasses.dataclass
+class TuneSummary:
+    """What a :func:`tune` run did; ``to_dict()`` for JSON."""
+
+    model: str
+    target: str
+    log_dir: str
+    tasks: list  # TaskSummary
+    trials_requested: int
+    trials_run: int
+    trials_before: int
+    resumed: bool
+    measured: bool  # False: builder-only run (no board for this target)
+    stopped: str  # "done", "budget", "interrupted", "nothing-to-do", "builder-only"
+    seconds: float
+    estimated_latency_us: float | None  # sum of weight x best latency, all tasks measured
+    runner: str
+    message: str = ""
+    database_messages: list = dataclasses.field(default_factory=list)
+
+    @property
+    def per_task_best_us(self) -> dict:
+        return {t.name: t.best_us for t in self.tasks}
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["per_task_best_us"] = self.per_task_best_us
+        return out
+
+
+class _Stop(Exception):
+    """Raised from the measure callback to end the scheduler's loop."""
+
+
+class _State:
+    def __init__(self, tasks: list[TaskSummary], total: int, budget_s: float | None,
+                 progress: bool, stream=None):
+        self.tasks = tasks
+        self.total = total
+        self.budget_s = budget_s
+        self.progress = progress
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.run_trials = 0
+        self.stop_reason: str | None = None
+        self.interrupts = 0
+        self.pending = 0  # measured batches not yet handed to the measure callbacks
+        self.retried = 0
+
+    def check_stop(self, at_build: bool = False) -> None:
+        """Raise _Stop when a stop is due and nothing measured is waiting to be recorded."""
+        if self.stop_reason is None and self.over_budget():
+            self.stop_reason = "budget"
+            self.emit("[tune] time budget reached: stopping (records so far are kept)")
+        if self.stop_reason is None or self.pending > 0:
+            return
+        if at_build and self.stop_reason == "budget" and self.run_trials == 0:
+            return  # a run always measures (and records) at least its first batch
+        raise _Stop(self.stop_reason)
+
+    def estimated_us(self) -> tuple[float | None, int]:
+        total, missing = 0.0, 0
+        for t in self.tasks:
+            if t.best_us is None:
+                missing += 1
+            else:
+                total += t.weight * t.best_us
+        return (total if missing < len(self.tasks) else None), missing
+
+    def line(self, task_id: int | None = None) -> str:
+        est, missing = self.estimated_us()
+        measured = sum(1 for t in self.tasks if t.best_us is not None)
+        parts = [f"[tune {time.monotonic() - self.start:6.0f}s]",
+                 f"tasks {measured}/{len(self.tasks)} measured",
+                 f"trials {self.run_trials}/{self.total}"]
+        if est is not None:
+            parts.append(f"est. end-to-end {est:.1f} us" + (f" (+{missing} unmeasured)"
+                                                          if missing else ""))
+        if task_id is not None:
+            t = self.tasks[task_id]
+            best = f"{t.best_us:.1f} us" if t.best_us is not None else "n/a"
+            parts.append(f"#{task_id} {t.name}: best {best} ({t.trials} trials)")
+        return " | ".join(parts)
+
+    def table(self) -> str:
+        rows = [f"  {'#':>2} {'task':<48} {'w':>2} {'trials':>6} {'best (us)':>11}"]
+        for i, t in enumerate(self.tasks):
+            best = f"{t.best_us:.1f}" if t.best_us is not None else "-"
+            rows.append(f"  {i:>2} {t.name[:48]:<48} {t.weight:>2} {t.trials:>6} {best:>11}")
+        return "\n".join(rows)
+
+    def emit(self, text: str) -> None:
+        if self.progress:
+            print(text, file=self.stream, flush=True)
+
+    def over_budget(self) -> bool:
+        return self.budget_s is not None and time.monotonic() - self.start >= self.budget_s
+
+
+def _make_callback(state: _State):
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class QCompileProgress(PyMeasureCallback):
+        """Updates per-task bests, prints progress, stops on budget or Ctrl-C."""
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
+                  runner_results):
+            t = state.tasks[task_id]
+            for b, r in zip(builder_results, runner_results):
+                state.run_trials += 1
+                t.trials += 1
+                t.trials_this_run += 1
+                if b.error_msg is not None:
+                    t.build_errors += 1
+                elif r.error_msg is not None or r.run_secs is None:
+                    t.run_errors += 1
+                else:
+                    us = _run_secs_mean(r.run_secs) * 1e6
+                    if us < _FAILED_SECS and (t.best_us is None or us < t.best_us):
+                        t.best_us = us
+            state.pending -= 1
+            state.emit(state.line(task_id))
+            state.check_stop()
+
+    return QCompileProgress()
+
+
+@contextlib.contextmanager
+def _sigint_stops(state: _State):
+    """First Ctrl-C: stop after the batch in flight. Second: abort now."""
+    if not hasattr(signal, "SIGINT") or \
+            __import__("threading").current_thread() is not __import__("threading").main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        state.interrupts += 1
+        if state.interrupts == 1:
+            state.stop_reason = "interrupted"
+            print("\n[tune] Ctrl-C: stopping after the batch in flight (records are kept; "
+                  "Ctrl-C again to abort now)", file=sys.stderr, flush=True)
+        else:
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+# --------------------------------------------------------------------------------------
+# Runners
+# --------------------------------------------------------------------------------------
+
+
+def _wrap_runner(inner, retries: int, state: "_State"):
+    """Wrap a MetaSchedule runner: count batches in flight; re-submit failed trials.
+
+    A trial that failed to run is re-submitted to the same runner (up to
+    ``retries`` times); with the RPC runner each submission asks the tracker
+    for a board, so a trial lost with a dead board is measured on a live one.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture
+
+    @derived_object
+    class RetryFuture(PyRunnerFuture):
+        def __init__(self, runner_input, future):
+            super().__init__()
+            self.runner_input = runner_input
+            self.future = future
+            self.left = retries
+
+        def done(self) -> bool:
+            return self.future.done()
+
+        def result(self):
+            while True:
+                res = self.future.result()
+                if res.error_msg is None or self.left <= 0:
+                    return res
+                self.left -= 1
+                state.retried += 1
+                last = str(res.error_msg).strip().splitlines() or ["?"]
+                state.emit(f"[tune] a trial failed to run ({last[-1][:160]}); re-submitting")
+                self.future = inner.run([self.runner_input])[0]
+
+    @derived_object
+    class QCompileRunner(PyRunner):
+        def run(self, runner_inputs):
+            state.pending += 1
+            runner_inputs = list(runner_inputs)
+            if not runner_inputs:
+                return []
+            futures = inner.run(runner_inputs)
+            if retries <= 0:
+                return list(futures)
+            return [RetryFuture(i, f) for i, f in zip(runner_inputs, futures)]
+
+    return QCompileRunner()
+
+
+def _wrap_builder(inner, state: "_State"):
+    """Stop (before building) once the budget is spent or Ctrl-C was pressed, if no
+    measured batch is waiting to be recorded."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir.meta_schedule.builder import PyBuilder
+
+    @derived_object
+    class QCompileBuilder(PyBuilder):
+        def build(self, build_inputs):
+            state.check_stop(at_build=True)
+            return inner.build(list(build_inputs))
+
+    return QCompileBuilder()
+
+
+def _unmeasured_runner(message: str):
+    from tvm.s_tir.meta_schedule.runner import PyRunner, PyRunnerFuture, RunnerResult
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class NotMeasured(PyRunnerFuture):
+        def done(self) -> bool:
+            return True
+
+        def result(self):
+            return RunnerResult(None, message)
+
+    @derived_object
+    class BuilderOnlyRunner(PyRunner):
+        def run(self, runner_inputs):
+            return [NotMeasured() for _ in runner_inputs]
+
+    return BuilderOnlyRunner()
+
+
+def _parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise TuningError(f"--rpc-tracker must be HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+# --------------------------------------------------------------------------------------
+# tune
+# --------------------------------------------------------------------------------------
+
+
+def _configure_ms_logging(log_dir: Path, task_names: list[str]) -> list:
+    """MetaSchedule's per-task log files under ``log_dir/logs``; nothing on the console."""
+    from tvm.s_tir.meta_schedule import logging as ms_logging
+
+    logs = log_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    width = len(str(max(len(task_names) - 1, 0)))
+    names = [f"tvm.s_tir.meta_schedule.task_{i:0{width}d}_{n[:100]}"
+             for i, n in enumerate(task_names)]
+    config = {"loggers": {"tvm.s_tir.meta_schedule": {
+        "level": "DEBUG", "propagate": False,
+        "handlers": ["tvm.s_tir.meta_schedule.console", "tvm.s_tir.meta_schedule.file"]}},
+        "handlers": {"tvm.s_tir.meta_schedule.console": {
+        "class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+        "formatter": "tvm.s_tir.meta_schedule.standard_formatter", "level": "WARNING"}}}
+    ms_logging.create_loggers(log_dir=str(logs),
+                              params=[{"log_dir": str(logs), "logger_name": n} for n in names],
+                              logger_config=config)
+    return [ms_logging.get_logger(n) for n in names]
+
+
+def _write_meta(log_dir: Path, update: dict) -> None:
+    meta = _meta(log_dir)
+    runs = meta.get("runs", [])
+    if "run" in update:
+        runs.append(update.pop("run"))
+    meta.update(update)
+    meta["runs"] = runs[-50:]
+    tmp = log_dir / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, log_dir / META_FILE)
+
+
+def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None = None,
+         rpc_tracker: str | None = None, rpc_key: str | None = None, progress: bool = True,
+         model_name: str = "model", *, trials_per_iter: int | None = None,
+         builder_workers: int | None = None, builder_timeout_s: float = 120.0,
+         run_timeout_s: float = 30.0, session_timeout_s: int = 60, run_retries: int = 2,
+         population: int = 256, seed: int | None = None, stream=None) -> TuneSummary:
+    """Tune ``mod`` (a Relax IRModule) for ``spec`` into the MetaSchedule database ``log_dir``.
+
+    ``trials`` is the total for the model: records already in ``log_dir`` for
+    these kernels count towards it (resume). ``budget_minutes`` stops cleanly
+    after the batch in flight. ``rpc_tracker="host:port"`` measures on the
+    boards registered under ``rpc_key`` (default: the target's key).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from .target import get_target
+
+    t_start = time.monotonic()
+    spec = get_target(spec)
+    target = spec.tvm_target()
+    log_dir = Path(log_dir or default_log_dir(model_name, spec))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    say = functools.partial(print, file=stream or sys.stderr, flush=True) if progress \
+        else (lambda *a, **k: None)
+
+    # 1. The database: cut torn tails, then see what is already there for these tasks.
+    report = repair_log_dir(log_dir)
+    for msg in report.messages:
+        say(f"[tune] {msg}")
+    tasks = extract_tasks(mod, spec)
+    if not tasks:
+        raise TuningError(f"{model_name}: no tunable kernels found for {spec.name}")
+    # Heaviest kernels first: the scheduler's first round visits tasks in this order,
+    # so a small budget goes to the convolutions and matmuls, not to a reshape.
+    tasks = sorted(tasks, key=lambda t: -_flops(t.dispatched[0]) * max(1, int(t.weight)))
+    existing_db = None
+    db_messages = list(report.messages)
+    if (log_dir / DB_WORKLOAD).exists():
+        existing_db, rep = inspect_database(log_dir, spec)
+        db_messages += [m for m in rep.messages if "torn" not in m]
+        for m in rep.messages:
+            if "torn" not in m:
+                say(f"[tune] {m}")
+    summaries = []
+    for task in tasks:
+        ts = TaskSummary(name=task.task_name, weight=int(task.weight))
+        if existing_db is not None and existing_db.has_workload(task.dispatched[0]):
+            wl = existing_db.commit_workload(task.dispatched[0])
+            recs = existing_db.get_top_k(wl, 1 << 30)
+            ts.trials = len(recs)
+            if recs:
+                ts.best_us = _run_secs_mean(recs[0].run_secs) * 1e6
+        summaries.append(ts)
+    trials_before = _count_trials(log_dir, spec, tasks)
+    for ts, n in zip(summaries, trials_before[1]):
+        ts.trials = n
+    trials_before = trials_before[0]
+    remaining = max(0, int(trials) - trials_before)
+    resumed = trials_before > 0
+
+    # 2. Where measurements happen.
+    measured = True
+    if rpc_tracker:
+        host, port = _parse_hostport(rpc_tracker)
+        key = rpc_key or spec.rpc_key
+        rpc_config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                         session_timeout_sec=int(session_timeout_s))
+        try:
+            boards = rpc_config.count_num_servers(allow_missing=True)
+        except Exception as exc:  # noqa: BLE001
+            raise TuningError(f"cannot reach the RPC tracker at {host}:{port}: "
+                              f"{str(exc).strip().splitlines()[0]}") from None
+        if boards == 0:
+            raise TuningError(f"no board is registered under key '{key}' at the tracker "
+                              f"{host}:{port} (start one with: python -m tvm.exec.rpc_server "
+                              f"--tracker {host}:{port} --key {key})")
+        runner_desc = f"RPC tracker {host}:{port}, key '{key}', {boards} board(s)"
+    elif spec.runs_here():
+        runner_desc = "this machine (LocalRunner)"
+    else:
+        measured = False
+        what = ("a CUDA GPU" if spec.is_cuda else
+                f"a {spec.arch} CPU with {', '.join(spec.isa_features) or 'this ISA'}")
+        runner_desc = (f"none: {spec.name} code cannot run on this machine. Measurements need "
+                       f"an RPC board of that kind ({what}) registered with a tracker under "
+                       f"key '{rpc_key or spec.rpc_key}': `python -m tvm.exec.rpc_server "
+                       f"--tracker HOST:PORT --key {rpc_key or spec.rpc_key}` on the board, "
+                       f"then `--rpc-tracker HOST:PORT`. Builder-only run: candidates are built "
+                       f"to check they compile; no records are written")
+
+    task_names = [t.task_name for t in tasks]
+    say(f"[tune] {model_name} on {spec.name}: {len(tasks)} tasks, measuring on {runner_desc}")
+    if measured and remaining == 0:
+        say(f"[tune] {log_dir} already holds {trials_before} trials for these kernels "
+            f"(>= --trials {trials}); nothing to do. Raise --trials to tune further.")
+        return _finish(log_dir, spec, model_name, summaries, trials, 0, trials_before, resumed,
+                       True, "nothing-to-do", t_start, runner_desc, db_messages, say, None)
+    if resumed and measured:
+        say(f"[tune] resuming: {trials_before} trials already in {log_dir}; "
+            f"{remaining} more to reach {trials}")
+    if not measured:
+        remaining = int(trials)
+        say(f"[tune] NOTE: {runner_desc}")
+
+    # 3. MetaSchedule pieces.
+    t0 = time.monotonic()
+    intrin_s = import_tensor_intrinsics()
+    _log.info("tensor intrinsics imported in %.1fs", intrin_s)
+    loggers = _configure_ms_logging(log_dir, task_names)
+    seeds = ms.utils.fork_seed(seed, n=len(tasks))
+    contexts = []
+    for task, logger, rs in zip(tasks, loggers, seeds):
+        contexts.append(ms.TuneContext(
+            mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(
+                population_size=population, init_min_unmeasured=min(50, population // 2)),
+            task_name=task.task_name, logger=logger,
+            rand_state=rs, num_threads="physical").clone())
+    weights = [float(t.weight) for t in tasks]
+    workers = builder_workers or max(1, min(os.cpu_count() or 1, 4))
+    builder = ms.builder.LocalBuilder(
+        max_workers=workers, timeout_sec=builder_timeout_s,
+        initializer=functools.partial(_builder_worker_init, spec.is_cuda),
+        f_export=functools.partial(_export_cross, spec.cross_compiler) if spec.is_cross
+        and not spec.is_cuda else None)
+    state = _State(summaries, remaining, budget_minutes * 60 if budget_minutes else None,
+                   progress, stream)
+    state.start = t_start
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40,
+                                          enable_cpu_cache_flush=False)
+    if not measured:
+        runner = _wrap_runner(_unmeasured_runner(f"not measured: {spec.name} needs an RPC "
+                                                 "board"), 0, state)
+        database = ms.database.MemoryDatabase()
+    else:
+        if rpc_tracker:
+            inner = ms.runner.RPCRunner(rpc_config=rpc_config, evaluator_config=evaluator,
+                                        max_workers=boards, initializer=_runner_worker_init)
+        else:
+            inner = ms.runner.LocalRunner(timeout_sec=run_timeout_s, evaluator_config=evaluator,
+                                          initializer=_runner_worker_init)
+        runner = _wrap_runner(inner, run_retries, state)
+        database = ms.database.JSONDatabase(work_dir=str(log_dir), module_equality="structural")
+    cost_model = ms.cost_model.XGBModel(
+        extractor=ms.feature_extractor.PerStoreFeature(),
+        adaptive_training=True, num_tuning_cores=os.cpu_count() or 1)
+    callbacks = ms.measure_callback.MeasureCallback.create("default") + [_make_callback(state)]
+    per_iter = trials_per_iter or max(4, min(16, remaining // max(1, len(tasks))))
+    _write_meta(log_dir, {"model": model_name, "target": spec.name,
+                          "tvm_target": json.loads(json.dumps(dict(target.export()),
+                                                              default=list)),
+                          "fingerprint": list(map(str, target_fingerprint(target))),
+                          "format": "MetaSchedule JSONDatabase (tvm 0.27)"}) if measured else None
+    say(f"[tune] setup {time.monotonic() - t0:.1f}s; {remaining} trials, {per_iter} per batch"
+        + (f", budget {budget_minutes:g} min" if budget_minutes else ""))
+    stopped = "done"
+    with _sigint_stops(state):
+        try:
+            ms.task_scheduler.TaskScheduler.create("gradient").tune(
+                tasks=contexts, task_weights=weights, max_trials_global=remaining,
+                max_trials_per_task=remaining, num_trials_per_iter=per_iter, builder=builder,
+                runner=runner, measure_callbacks=callbacks, database=database,
+                cost_model=cost_model)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            say("[tune] aborted by Ctrl-C; records measured so far are kept")
+        except Exception as exc:  # noqa: BLE001 - our _Stop comes back through the FFI
+            if state.stop_reason is None:
+                if state.interrupts:
+                    stopped = "interrupted"
+                else:
+                    raise TuningError(f"tuning {model_name} for {spec.name} failed: "
+                                      f"{str(exc).strip()[-2000:]}") from exc
+            else:
+                stopped = state.stop_reason
+    if not measured:
+        stopped = "builder-only"
+    return _finish(log_dir, spec, model_name, summaries, trials, state.run_trials, trials_before,
+                   resumed, measured, stopped, t_start, runner_desc, db_messages, say, state)
+
+
+def _count_trials(log_dir: Path, spec, tasks) -> tuple[int, list[int]]:
+    """Trials (successful or failed) already logged for each task's workload and target."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.target import Target
+
+    per_task = [0] * len(tasks)
+    if not (log_dir / DB_WORKLOAD).exists():
+        return 0, per_task
+    workloads, records, _, _ = _scan(log_dir)
+    want = target_fingerprint(spec.tvm_target())
+    # Workload hash -> task index, by structural equality of the workload module.
+    index_of: dict[int, int] = {}
+    probe = ms.database.MemoryDatabase()
+    task_wls = [probe.commit_workload(t.dispatched[0]) for t in tasks]
+    for i, wl_json in enumerate(workloads):
+        try:
+            mod = ms.database.Workload.from_json(wl_json).mod
+        except Exception:  # noqa: BLE001
+            continue
+        if probe.has_workload(mod):
+            wl = probe.commit_workload(mod)
+            for j, twl in enumerate(task_wls):
+                if twl.same_as(wl):
+                    index_of[i] = j
+    fps: dict[str, tuple] = {}
+    for idx, rec_json, _ in records:
+        if idx in index_of:
+            key = json.dumps(rec_json[2], sort_keys=True)
+            if key not in fps:
+                fps[key] = target_fingerprint(Target(rec_json[2]))
+            if fps[key] == want:
+                per_task[index_of[idx]] += 1
+    return sum(per_task), per_task
+
+
+def _finish(log_dir, spec, model_name, summaries, trials, run, before, resumed, measured,
+            stopped, t_start, runner_desc, db_messages, say, state) -> TuneSummary:
+    est = None
+    if all(t.best_us is not None for t in summaries):
+        est = sum(t.weight * t.best_us for t in summaries)
+    if measured:
+        msg = f"{run} trials this run, {before + run} in {log_dir}"
+        if est is not None:
+            msg += f"; estimated end-to-end kernel time {est:.1f} us"
+    else:
+        built = sum(t.trials_this_run - t.build_errors for t in summaries)
+        errs = sum(t.build_errors for t in summaries)
+        msg = (f"builder-only: {built} candidates built, {errs} build errors, nothing measured. "
+               f"Measurements for {spec.name} need an RPC board of that kind "
+               f"(--rpc-tracker HOST:PORT --rpc-key {spec.rpc_key})")
+    if stopped == "budget":
+        msg += " (stopped: time budget reached)"
+    elif stopped == "interrupted":
+        msg += " (stopped: interrupted; run the same command again to continue)"
+    summary = TuneSummary(
+        model=model_name, target=spec.name, log_dir=str(log_dir), tasks=summaries,
+        trials_requested=int(trials), trials_run=run, trials_before=before, resumed=resumed,
+        measured=measured, stopped=stopped, seconds=round(time.monotonic() - t_start, 1),
+        estimated_latency_us=est, runner=runner_desc, message=msg,
+        database_messages=db_messages)
+    if state is not None:
+        say("[tune] per-task best:\n" + state.table())
+    say(f"[tune] {msg}")
+    if measured and run:
+        _write_meta(Path(log_dir), {"run": {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "trials": run,
+            "stopped": stopped, "seconds": summary.seconds, "runner": runner_desc,
+            "estimated_latency_us": est}})
+    return summary
