@@ -55,7 +55,10 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
     if model_path.is_dir():
         artifact = read_artifact(model_path)
         artifacts["int8" if artifact.quantized else "float"] = artifact
-        spec = get_target(target or artifact.target_name)
+        try:
+            spec = get_target(target or artifact.target_name)
+        except QCompileError as exc:  # the manifest names a target this machine lacks
+            raise type(exc)(f"{model_path}: {exc}") from None
         onnx_path = artifact.manifest["model"]["path"]
         inputs = artifact.inputs
     else:
@@ -75,10 +78,20 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
                 tuning_log=tuning_log, log=say)
     feeds, labels, data_note = _evaluation_data(data, inputs, options.limit)
     session, device_label = _open_session(rpc, tracker, key, spec, options)
+    if session is not None:
+        from .rpc import board_info
+
+        board = board_info(session)  # the emulated board says so about itself
+        if board.get("emulated"):
+            options.emulated = True
+            device_label += f" ({board.get('emulator', 'emulated')} {board.get('arch', '')})"
     report = Report(model=Path(onnx_path).stem, target=spec.name, device=device_label,
                     emulated=options.emulated,
                     environment=_environment(spec, session, options))
     report.notes.append(data_note)
+    if options.emulated:
+        report.notes.append("timings were taken under emulation: they show that the code "
+                            "runs and how float and int8 compare there, never board speed")
     reference = _reference_outputs(onnx_path, feeds, report, say)
     try:
         for kind, artifact in artifacts.items():
@@ -218,6 +231,9 @@ def _random_array(rng, info):
 
 def _reference_outputs(onnx_path, feeds, report, say):
     """Float outputs of the source model under onnxruntime, and its latency."""
+    # onnxruntime's telemetry writes ~/.cache/Microsoft/... and $TMPDIR/.ses on every
+    # session unless this is set before its import: measure writes only its --out.
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     try:
         import onnxruntime as ort
     except ImportError:
@@ -230,13 +246,18 @@ def _reference_outputs(onnx_path, feeds, report, say):
     say("running the onnxruntime float reference ...")
     import onnx
 
-    model = onnx.load(onnx_path)
-    if model.ir_version > 10:  # onnxruntime 1.31 refuses newer IR versions
-        model.ir_version = 10
-    session_options = ort.SessionOptions()
-    session_options.intra_op_num_threads = os.cpu_count() or 1
-    session = ort.InferenceSession(model.SerializeToString(), session_options,
-                                   providers=["CPUExecutionProvider"])
+    try:  # a manifest may name any file: a bad one means no reference, not a crash
+        model = onnx.load(onnx_path)
+        if model.ir_version > 10:  # onnxruntime 1.31 refuses newer IR versions
+            model.ir_version = 10
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = os.cpu_count() or 1
+        session = ort.InferenceSession(model.SerializeToString(), session_options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        report.notes.append(f"source model {onnx_path} cannot be run by onnxruntime "
+                            f"({_first(exc)}): no onnxruntime reference")
+        return None
     outputs = [session.run(None, feed)[0] for feed in feeds]
     started = time.perf_counter()
     timings = []
