@@ -235,7 +235,12 @@ def run_module(mod, spec, calib, inputs, on_batch, progress=None, desc="running"
 
     from ..pipeline import compile_relax
 
-    exe = compile_relax(mod, spec)
+    from ..target import get_target
+
+    # Calibration runs the float model here, on the host, whatever the final target is
+    # (an aarch64 or CUDA module cannot run on this machine).
+    run_spec = spec if spec.runs_here() else get_target("host")
+    exe = compile_relax(mod, run_spec)
     vm = relax.VirtualMachine(exe, tvm.cpu())
     batch = inputs[0].shape[0]
     for feed, valid in iterate_batches(calib, inputs, progress, desc):
