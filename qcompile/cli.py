@@ -240,6 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qcompile: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a qcompile bug, not a user mistake: short, then details
+        if os.environ.get("QCOMPILE_DEBUG"):
+            raise
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+        print(f"qcompile: internal error ({type(exc).__name__}: {first[:300]}); this is a "
+              "bug in qcompile: rerun with QCOMPILE_DEBUG=1 for the traceback and report it",
+              file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
