@@ -14,9 +14,11 @@ Each pass is usable on its own: :func:`~.prepare.prepare`,
 :func:`~.realize.realize`.
 
 Static quantization needs calibration data: ``quantize_model(..., calib=None)``
-raises :class:`~qcompile.errors.InputError` asking for ``--calib`` (the only
-exception is ``QuantConfig(dynamic=True)``, whose activation scales are
-computed at run time).
+raises :class:`~qcompile.errors.InputError` asking for ``--calib``. The
+exception is a QDQ model (QuantizeLinear/DequantizeLinear, e.g. from ONNX
+Runtime's ``quantize_static``): it brings its own scales, is compiled to the
+same integer kernels without calibration, and ``calib`` (optional) only
+feeds the per-layer SQNR report.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .calibrate import CalibrationData, calibrate, load_calibration, observe_mod
 from .observers import METHODS, make_observer
 from .plan import build_plan
 from .prepare import prepare
+from .qdq import has_qdq, match_weight, strip_pairs, weight_table
 from .realize import QParams, act_qparams, realize
 
 __all__ = ["QuantConfig", "QuantResult", "quantize_model", "load_calibration", "prepare",
@@ -81,6 +84,7 @@ class QuantResult:
     float_mod: object = None   # the prepared float module (same numerics as the import)
     plan: object = None
     qparams: dict = field(default_factory=dict)
+    weight_override: object = None
 
 
 def _materialize(calib, inputs, limit=None):
@@ -142,31 +146,55 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                          "use static quantization with --calib")
     reduce_range = spec.reduce_range if config.reduce_range is None else bool(config.reduce_range)
     started = time.perf_counter()
-    data = _materialize(calib, imported.inputs, config.calib_limit)
-    float_mod = prepare(imported.mod)
-    plan = build_plan(float_mod, getattr(imported, "onnx_model", None), skip=config.skip,
-                      ops=config.ops)
-    extra = [l.out_var for l in plan.quantized()] if config.sqnr else []
-    observers, kept = calibrate(float_mod, plan, spec, data, imported.inputs,
-                                lambda: make_observer(config.method, config.percentile,
-                                                      config.act_dtype),
-                                progress=config.progress, extra=extra,
-                                keep_samples=config.sqnr_samples if config.sqnr else 0)
-    ranges = {var: obs.compute_range() for var, obs in observers.items()}
-    qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
-    qmod, records = realize(float_mod, plan, qparams, config.per_channel, reduce_range)
+    qdq = has_qdq(imported.mod)
+    data = None
+    if not qdq or calib is not None:
+        data = _materialize(calib, imported.inputs, config.calib_limit)
+    onnx_model = getattr(imported, "onnx_model", None)
+    kept = []
+    if qdq:
+        # the model brings its own scales: no calibration, weights as given
+        table = weight_table(imported.mod)
+        float_mod, given = strip_pairs(prepare(imported.mod))
+        plan = build_plan(float_mod, onnx_model, skip=config.skip, ops=config.ops, given=given)
+        qparams = {var: given[var] for var in plan.roots}
+        ranges = {var: (p.scale * (p.qmin - p.zero_point), p.scale * (p.qmax - p.zero_point))
+                  for var, p in qparams.items()}
 
+        def override(layer, axis):
+            return match_weight(table, layer.weight, axis)
+
+    else:
+        override = None
+        float_mod = prepare(imported.mod)
+        plan = build_plan(float_mod, onnx_model, skip=config.skip, ops=config.ops)
+        extra = [l.out_var for l in plan.quantized()] if config.sqnr else []
+        observers, kept = calibrate(float_mod, plan, spec, data, imported.inputs,
+                                    lambda: make_observer(config.method, config.percentile,
+                                                          config.act_dtype),
+                                    progress=config.progress, extra=extra,
+                                    keep_samples=config.sqnr_samples if config.sqnr else 0)
+        ranges = {var: obs.compute_range() for var, obs in observers.items()}
+        qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
+    qmod, records = realize(float_mod, plan, qparams, config.per_channel, reduce_range,
+                            weight_override=override, fake_quant=qdq)
+
+    weight_bits = sorted({r["weight"]["bits"] for r in records}) or [7 if reduce_range else 8]
     summary = {
-        "method": config.method,
-        "percentile": config.percentile if config.method == "percentile" else None,
-        "weights": {"dtype": "int8", "symmetric": True, "per_channel": config.per_channel,
-                    "bits": 7 if reduce_range else 8, "reduce_range": reduce_range},
-        "activations": {"dtype": config.act_dtype,
-                        "symmetric": config.act_dtype == "int8"},
+        "method": "qdq" if qdq else config.method,
+        "percentile": config.percentile if config.method == "percentile" and not qdq else None,
+        "weights": {"dtype": "int8", "symmetric": True,
+                    "per_channel": all(r["weight"]["per_channel"] for r in records)
+                    if records else config.per_channel,
+                    "bits": max(weight_bits), "reduce_range": reduce_range and not qdq},
+        "activations": {"dtype": config.act_dtype if not qdq else
+                        sorted({p.dtype for p in qparams.values()}),
+                        "symmetric": config.act_dtype == "int8" if not qdq else None},
         "requantize": "float32 multiply + round-half-even, fused into the conv/matmul epilogue",
-        "calibration": {"source": getattr(data, "source", "calibration data"),
-                        "batches": len(data),
-                        "samples": int(sum(len(next(iter(b.values()))) for b in data))},
+        "calibration": ({"source": getattr(data, "source", "calibration data"),
+                         "batches": len(data),
+                         "samples": int(sum(len(next(iter(b.values()))) for b in data))}
+                        if data is not None else None),
         "target": spec.name,
         "tensors": {var.name: {**qparams[var].to_dict(), "range": [float(lo), float(hi)]}
                     for var, (lo, hi) in ranges.items()},
@@ -181,9 +209,11 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                                       "kind": layer.kind, "int8": False,
                                       "reason": layer.reason})
     result = QuantResult(mod=qmod, summary=summary, float_mod=float_mod, plan=plan,
-                         qparams=qparams)
-    if config.sqnr and plan.quantized():
+                         qparams=qparams, weight_override=override)
+    if config.sqnr and plan.quantized() and kept:
         _add_sqnr(result, spec, kept, imported.inputs, config)
+    elif qdq and config.sqnr and data is not None and plan.quantized():
+        _add_qdq_sqnr(result, imported, spec, data, config)
     if config.max_accuracy_drop is not None:
         from .sensitivity import fallback_search
 
@@ -202,8 +232,8 @@ def _add_sqnr(result, spec, kept, inputs, config) -> None:
     float_outs = [np.concatenate([np.asarray(a[i])[:valid] if np.ndim(a[i]) else a[i]
                                   for _f, valid, a in kept]) for i in range(len(extra) + 1)]
     int8_mod, _ = realize(result.float_mod, result.plan, result.qparams,
-                          result.summary["weights"]["per_channel"],
-                          result.summary["weights"]["reduce_range"], extra_outputs=extra)
+                          config.per_channel, result.summary["weights"]["reduce_range"],
+                          extra_outputs=extra, weight_override=result.weight_override)
     int8_outs = collect_outputs(int8_mod, spec, feeds, inputs, config.progress, "SQNR")
     int8_outs = [np.asarray(o)[:len(f)] for o, f in zip(int8_outs, float_outs)]
     values = layer_sqnr(float_outs[1:], int8_outs[1:])
@@ -216,6 +246,32 @@ def _add_sqnr(result, spec, kept, inputs, config) -> None:
     if f_out.ndim == 2:
         result.summary["calib_top1_agreement"] = float(
             np.mean(f_out.argmax(axis=1) == q_out.argmax(axis=1)))
+
+
+def _add_qdq_sqnr(result, imported, spec, data, config) -> None:
+    """QDQ model: output SQNR of the integer module vs the model's own float fake-quant graph.
+
+    (Per-layer SQNR against a float model is not defined here: QDQ exporters fold
+    ReLUs into the quantization ranges, so the graph without Q/DQ is not the float model.)
+    """
+    from .sensitivity import collect_outputs, layer_sqnr, output_array
+
+    subset, count = [], 0
+    for batch in data:
+        subset.append(batch)
+        count += len(next(iter(batch.values())))
+        if count >= config.sqnr_samples:
+            break
+    subset = CalibrationData(subset, data.source)
+    ref = output_array(collect_outputs(observe_module(imported.mod, []), spec, subset,
+                                       imported.inputs, config.progress, "SQNR (QDQ float)")[0])
+    got = output_array(collect_outputs(observe_module(result.mod, []), spec, subset,
+                                       imported.inputs, config.progress, "SQNR (int8)")[0])
+    result.summary["output_sqnr_db"] = layer_sqnr([ref], [got])[0]
+    result.summary["output_sqnr_reference"] = "the QDQ model computed in float (fake quant)"
+    result.summary["sqnr_samples"] = int(len(ref))
+    if ref.ndim == 2:
+        result.summary["calib_top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
 
 
 def _finish_summary(result, started) -> None:

@@ -104,8 +104,14 @@ def _matches(layer: Layer, skip: list[str]) -> bool:
     return any(s.lower() in keys for s in skip)
 
 
-def build_plan(mod, onnx_model=None, skip=(), ops=("conv2d", "matmul")) -> Plan:
-    """The layers of a prepared module, their roots and the int8 vars."""
+def build_plan(mod, onnx_model=None, skip=(), ops=("conv2d", "matmul"),
+               given=None) -> Plan:
+    """The layers of a prepared module, their roots and the int8 vars.
+
+    ``given`` ({var: QParams}, QDQ models) are the tensors whose quantization the
+    model itself defines: a layer whose input root has none stays float, and
+    every given tensor is kept quantized (float consumers dequantize it).
+    """
     from tvm import relax
 
     func = mod["main"]
@@ -130,8 +136,11 @@ def build_plan(mod, onnx_model=None, skip=(), ops=("conv2d", "matmul")) -> Plan:
         current = binding.var
         bias = bias_var = activation = act_var = None
         shape = _ir.tensor_shape(binding.var)
+        # a tensor the (QDQ) model quantizes ends the pattern: its rounding is kept
+        stop = given is not None and current in given
         users = uses.get(current, [])
-        if len(users) == 1 and users[0] != "return" and _ir.op_name(users[0].value) == "relax.add":
+        if not stop and len(users) == 1 and users[0] != "return" \
+                and _ir.op_name(users[0].value) == "relax.add":
             add = users[0].value
             other = add.args[1] if add.args[0].same_as(current) else add.args[0]
             axis = 1 if kind == "conv2d" else len(shape) - 1
@@ -139,8 +148,9 @@ def build_plan(mod, onnx_model=None, skip=(), ops=("conv2d", "matmul")) -> Plan:
             vec = None if vec is None else _ir.per_channel_vector(vec, shape[axis], axis, len(shape))
             if vec is not None and _ir.tensor_shape(users[0].var) == shape:
                 bias, bias_var, current = vec, users[0].var, users[0].var
+        stop = given is not None and current in given
         users = uses.get(current, [])
-        if len(users) == 1 and users[0] != "return":
+        if not stop and len(users) == 1 and users[0] != "return":
             act = _activation(users[0], current)
             if act is not None:
                 activation, act_var, current = act, users[0].var, users[0].var
@@ -158,16 +168,32 @@ def build_plan(mod, onnx_model=None, skip=(), ops=("conv2d", "matmul")) -> Plan:
     for layer in layers:
         if not layer.quantize:
             continue
-        var, chain = layer.input_var, []
-        while var in producer and _ir.op_name(producer[var].value) in TRANSPARENT_OPS:
-            source = producer[var].value.args[0]
-            if not isinstance(source, relax.Var) or _ir.tensor_dtype(source) != "float32":
-                break
-            chain.append(var)
-            var = source
-        layer.root, layer.chain = var, chain[::-1]
-        if var not in roots:
-            roots.append(var)
-        int8_vars.add(var)
-        int8_vars.update(chain)
+        _trace_root(layer, producer)
+        if given is not None and layer.root not in given:
+            layer.quantize, layer.reason = False, "input not quantized in the QDQ model"
+            continue
+        if layer.root not in roots:
+            roots.append(layer.root)
+        int8_vars.add(layer.root)
+        int8_vars.update(layer.chain)
+    if given is not None:
+        inside = {v for l in layers if l.quantize for v in l.vars if not v.same_as(l.out_var)}
+        for var in given:
+            if var not in int8_vars and var not in inside:
+                roots.append(var)
+                int8_vars.add(var)
     return Plan(layers=layers, roots=roots, int8_vars=int8_vars, producer=producer)
+
+
+def _trace_root(layer: Layer, producer) -> None:
+    """Walk back from the layer input through transparent ops to its root."""
+    from tvm import relax
+
+    var, chain = layer.input_var, []
+    while var in producer and _ir.op_name(producer[var].value) in TRANSPARENT_OPS:
+        source = producer[var].value.args[0]
+        if not isinstance(source, relax.Var) or _ir.tensor_dtype(source) != "float32":
+            break
+        chain.append(var)
+        var = source
+    layer.root, layer.chain = var, chain[::-1]

@@ -137,12 +137,16 @@ def output_clip(p: QParams, activation) -> tuple[int, int]:
 
 
 def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bool = False,
-            extra_outputs=()):
+            extra_outputs=(), weight_override=None, fake_quant: bool = False):
     """The integer module for ``plan`` with activation ``qparams`` ({root var: QParams}).
 
     Returns ``(module, records)``: one summary dict per quantized layer.
     ``extra_outputs`` (original float vars) are appended to main's return as a
     tuple ``(original return, *extra)`` -- used to measure per-layer error.
+    ``weight_override(layer, axis)`` may return ``(q int8, scales [C])`` to use
+    instead of quantizing the float weight (QDQ models bring their own).
+    ``fake_quant``: float consumers of a quantized tensor read its dequantized
+    value rather than the exact float one (what a QDQ model means).
     """
     from tvm import relax
 
@@ -167,6 +171,8 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         if var in roots and var not in qt:
             p = qparams[var]
             qt[var] = (emit_quantize(bb, fl[var], p, name=f"{var.name}_q"), p)
+            if fake_quant:
+                del fl[var]
 
     def start(bb, remap):
         for old, new in remap.items():
@@ -194,7 +200,11 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         p_in = qparams[layer.root]
         q_in = qt[layer.input_var][0]
         axis = 0 if layer.kind == "conv2d" else 1
-        q_w, s_w = quantize_weight(layer.weight, axis, per_channel, reduce_range)
+        given_w = weight_override(layer, axis) if weight_override is not None else None
+        if given_w is not None:
+            q_w, s_w = given_w
+        else:
+            q_w, s_w = quantize_weight(layer.weight, axis, per_channel, reduce_range)
         channels = len(s_w)
         acc_scale = p_in.scale * s_w
         if layer.kind == "conv2d":
@@ -227,8 +237,9 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         out = layer.out_var
         record = {"name": layer.name, "op": layer.onnx_op, "kind": layer.kind, "int8": True,
                   "input": {"tensor": layer.root.name, **p_in.to_dict()},
-                  "weight": {"bits": 7 if reduce_range else 8,
-                             "per_channel": per_channel,
+                  "weight": {"bits": int(np.abs(q_w).max()).bit_length() + 1,
+                             "from_model": given_w is not None,
+                             "per_channel": bool(len(set(s_w.tolist())) > 1 or per_channel),
                              "scale": [float(s) for s in s_w]},
                   "activation": layer.activation[0] if layer.activation else None,
                   "groups": int(layer.call.attrs.groups) if layer.kind == "conv2d" else 1}
