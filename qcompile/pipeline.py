@@ -22,8 +22,11 @@ def fuse_passes(target) -> list:
         dispatch = relax_pipeline.library_dispatch_passes(target)
     except (ValueError, AttributeError):
         dispatch = []
+    from qcompile.layout import layout_passes  # weight packing before legalization
+
     return [
         *dispatch,
+        *layout_passes(target),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

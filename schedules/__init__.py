@@ -2,6 +2,11 @@
 
 Installed as ``qcompile.schedules``. ``default_schedule_passes(spec, target)``
 returns the passes that schedule every fused kernel no tuning record covers.
+
+* ``cpu``    default CPU rules (packed conv2d/matmul micro-kernels, float and int8,
+             with fused epilogues; dlight GEMV/Reduction; parallel+vectorize fallback).
+* ``intrin`` the int8 L x 4 dot-product tile and its registry (lazy).
+* ``x86``, ``arm``, ``cuda``: per-ISA implementations of that tile.
 """
 
 from __future__ import annotations
@@ -11,12 +16,13 @@ def default_schedule_passes(spec, target) -> list:
     """Passes that give each untuned kernel a schedule fit for ``target``.
 
     GPU: TVM's dlight GPU rules (every kernel needs thread binding to build).
-    CPU: TVM's dlight CPU rules (GEMV, reduction); conv2d and matmul are left
-    to LLVM's loop vectorizer until qcompile's own CPU rules land.
+    CPU: qcompile's CPU rules (``qcompile.schedules.cpu``).
     """
-    from tvm.s_tir import dlight as dl
+    if spec.is_cuda or target.kind.name == "cuda":
+        from tvm.s_tir import dlight as dl
 
-    if spec.is_cuda:
         return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                         dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
-    return [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
+    from .cpu import apply_cpu_schedules
+
+    return [apply_cpu_schedules(target)]

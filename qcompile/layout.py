@@ -1,0 +1,462 @@
+"""Weight packing and kernel layout, done once at compile time on constant weights.
+
+``layout_passes(target)`` returns the Relax passes that run before LegalizeOps
+(hooked into ``qcompile.pipeline.fuse_passes``). They rewrite every
+``relax.nn.conv2d`` (NCHW/OIHW) and ``relax.matmul`` whose weight is a constant
+into qcompile's own TE computes, with the weight packed in numpy at compile time:
+
+* float conv2d   ``W[O, C, KH, KW]``  -> ``Wp[O/L, C, KH, KW, L]`` (L = vector lanes);
+  the output-channel axis becomes the vector axis of the kernel.
+* int8 conv2d    ``W[O, C, KH, KW]``  -> ``Wp[O/L, C/4, KH, KW, L, 4]``, the tile an
+  int8 dot-product instruction consumes (VNNI 16x4, AVX2 8x4, ARM sdot 4x4); the
+  kernel's padding stage writes the activation as ``[N, C/4, H, W, 4]`` (+128 or
+  -128 shift when its signedness differs from the instruction's, compensated by a
+  per-channel constant), so the intrinsic's 4-byte activation read is contiguous.
+* depthwise / grouped conv2d: ``conv2d_spatial``, vectorized over output width.
+* matmul ``A[M, K] x B[K, N]`` (B constant) -> ``Bp[N/L, K, L]`` float,
+  ``Bp[N/L, K/4, L, 4]`` int8.
+
+Every result equals the op it replaces exactly on integers (channel padding uses
+zero weights; the shift compensation is exact integer arithmetic). The
+reduction block of each compute carries the block annotation ``qcompile_kernel``
+(and ``qcompile_intrin`` / ``qcompile_lanes``), which the rules in
+``qcompile.schedules.cpu`` key on. A conv/matmul this pass does not take
+(dynamic shapes, non-constant weights, other layouts) is left to LegalizeOps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+KERNEL_ATTR = "qcompile_kernel"
+INTRIN_ATTR = "qcompile_intrin"
+LANES_ATTR = "qcompile_lanes"
+
+
+# --------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class LayoutPlan:
+    """What the packing pass does for one target."""
+
+    float_lanes: int  # output channels per float vector tile (0: do not rewrite floats)
+    int8_intrin: str  # "avx512-vnni", "avx2-vpmaddubsw", "arm-sdot", "generic" or ""
+    int8_lanes: int  # output channels per int8 tile
+    act_dtype: str  # activation dtype the int8 intrinsic takes ("uint8" or "int8")
+
+
+def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | None:
+    """The packing plan for a TVM target (None: leave conv/matmul to LegalizeOps)."""
+    from tvm.target import codegen
+
+    if target is None or target.kind.name != "llvm":
+        return None
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(codegen.target_has_features(feature, target))
+        except Exception:  # noqa: BLE001 - unknown feature on this arch
+            return False
+
+    mtriple = str(target.attrs.get("mtriple", ""))
+    if has("avx512f"):
+        plan = LayoutPlan(16, "avx512-vnni" if has("avx512vnni") else "avx2-vpmaddubsw",
+                          16 if has("avx512vnni") else 8, "uint8")
+    elif has("avx2"):
+        plan = LayoutPlan(8, "avx2-vpmaddubsw", 8, "uint8")
+    elif mtriple.startswith("aarch64") or has("neon"):
+        if has("dotprod"):
+            plan = LayoutPlan(8, "arm-sdot", 4, "int8")
+        else:
+            plan = LayoutPlan(8, "generic", 8, "int8")
+    else:
+        plan = LayoutPlan(8, "generic", 8, "int8")
+    if force_intrin is not None:
+        lanes = {"avx512-vnni": 16, "avx2-vpmaddubsw": 8, "arm-sdot": 4}.get(force_intrin, 8)
+        act = "int8" if force_intrin == "arm-sdot" else "uint8"
+        plan = LayoutPlan(plan.float_lanes, force_intrin, lanes, act)
+    return plan
+
+
+def _ceil(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# --------------------------------------------------------------------------- numpy packing
+def pack_conv_weight_float(w: np.ndarray, lanes: int) -> np.ndarray:
+    """OIHW -> [O/L, I, KH, KW, L] (O zero-padded to a multiple of L)."""
+    o, i, kh, kw = w.shape
+    op = _ceil(o, lanes) * lanes
+    wpad = np.zeros((op, i, kh, kw), w.dtype)
+    wpad[:o] = w
+    return np.ascontiguousarray(wpad.reshape(op // lanes, lanes, i, kh, kw).transpose(0, 2, 3, 4, 1))
+
+
+def pack_conv_weight_int8(w: np.ndarray, lanes: int) -> np.ndarray:
+    """OIHW -> [O/L, I/4, KH, KW, L, 4] (O and I zero-padded)."""
+    o, i, kh, kw = w.shape
+    op, ip = _ceil(o, lanes) * lanes, _ceil(i, 4) * 4
+    wpad = np.zeros((op, ip, kh, kw), w.dtype)
+    wpad[:o, :i] = w
+    return np.ascontiguousarray(
+        wpad.reshape(op // lanes, lanes, ip // 4, 4, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+
+
+def pack_matmul_weight_float(b: np.ndarray, lanes: int) -> np.ndarray:
+    """[K, N] -> [N/L, K, L]."""
+    k, n = b.shape
+    npad = _ceil(n, lanes) * lanes
+    bp = np.zeros((k, npad), b.dtype)
+    bp[:, :n] = b
+    return np.ascontiguousarray(bp.reshape(k, npad // lanes, lanes).transpose(1, 0, 2))
+
+
+def pack_matmul_weight_int8(b: np.ndarray, lanes: int) -> np.ndarray:
+    """[K, N] -> [N/L, K/4, L, 4]."""
+    k, n = b.shape
+    npad, kp = _ceil(n, lanes) * lanes, _ceil(k, 4) * 4
+    bp = np.zeros((kp, npad), b.dtype)
+    bp[:k, :n] = b
+    return np.ascontiguousarray(bp.reshape(kp // 4, 4, npad // lanes, lanes).transpose(2, 0, 3, 1))
+
+
+def vpmaddubsw_exact(w_packed: np.ndarray) -> bool:
+    """True when vpmaddubsw's int16 pair sums cannot saturate for these weights.
+
+    vpmaddubsw adds two u8*s8 products into int16 with saturation; with
+    |w0| + |w1| <= 128 the sum is at most 255 * 128 = 32640 < 32767.
+    """
+    w = np.abs(w_packed.astype(np.int32))
+    pairs = w[..., 0::2] + w[..., 1::2]
+    return bool(pairs.max(initial=0) <= 128)
+
+
+# --------------------------------------------------------------------------- TE computes
+def _pad_nchw(x, pad, name="pad"):
+    from tvm import te, tirx
+
+    pt, pl, pb, pr = pad
+    if not any(pad):
+        return x
+    n, c, h, w = x.shape
+    return te.compute(
+        (n, c, h + pt + pb, w + pl + pr),
+        lambda a, b, i, j: tirx.if_then_else(
+            tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl),
+            x[a, b, i - pt, j - pl], tirx.const(0, x.dtype)),
+        name=name)
+
+
+def _out_hw(h, w, kh, kw, stride, pad, dil):
+    oh = (h + pad[0] + pad[2] - (kh - 1) * dil[0] - 1) // stride[0] + 1
+    ow = (w + pad[1] + pad[3] - (kw - 1) * dil[1] - 1) // stride[1] + 1
+    return oh, ow
+
+
+def conv2d_packed_float(x, wp, out_channels, stride, pad, dil, lanes, out_dtype):
+    """NCHW float conv2d with weights packed as [O/L, C, KH, KW, L]."""
+    from tvm import te
+
+    n, c, h, w = (int(v) for v in x.shape)
+    _, _, kh, kw, _ = (int(v) for v in wp.shape)
+    oh, ow = _out_hw(h, w, kh, kw, stride, pad, dil)
+    op = int(wp.shape[0]) * lanes
+    xp = _pad_nchw(x, pad)
+    rc = te.reduce_axis((0, c), "rc")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    conv = te.compute(
+        (n, op, oh, ow),
+        lambda b, o, i, j: te.sum(
+            (xp[b, rc, i * stride[0] + rh * dil[0], j * stride[1] + rw * dil[1]]
+             * wp[o // lanes, rc, rh, rw, o % lanes]).astype(out_dtype),
+            axis=[rc, rh, rw]),
+        name="conv2d_packed",
+        attrs={KERNEL_ATTR: "conv2d_packed", INTRIN_ATTR: "float", LANES_ATTR: lanes})
+    if op == out_channels:
+        return conv
+    return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: conv[b, o, i, j],
+                      name="conv2d_slice")
+
+
+def conv2d_packed_int8(x, wp, comp, out_channels, stride, pad, dil, lanes, shift, act_dtype,
+                       intrin):
+    """NCHW int8 conv2d: activation repacked to [N, C/4, H, W, 4] in-kernel, weights
+    [O/L, C/4, KH, KW, L, 4]; int32 result minus ``comp[o]`` when ``shift`` != 0."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(v) for v in x.shape)
+    _, cb, kh, kw, _, _ = (int(v) for v in wp.shape)
+    oh, ow = _out_hw(h, w, kh, kw, stride, pad, dil)
+    op = int(wp.shape[0]) * lanes
+    pt, pl, pb, pr = pad
+
+    def _xval(b, cc, i, j, c4):
+        ch = cc * 4 + c4
+        valid = tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl, ch < c)
+        v = tirx.if_then_else(valid, x[b, tirx.min(ch, c - 1), i - pt, j - pl].astype("int32"),
+                              tirx.const(0, "int32"))
+        if shift:
+            v = v + shift
+        return v.astype(act_dtype)
+
+    xp = te.compute((n, cb, h + pt + pb, w + pl + pr, 4), _xval, name="pack_nchw4c")
+    rc = te.reduce_axis((0, cb), "rc")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    r4 = te.reduce_axis((0, 4), "r4")
+    conv = te.compute(
+        (n, op, oh, ow),
+        lambda b, o, i, j: te.sum(
+            xp[b, rc, i * stride[0] + rh * dil[0], j * stride[1] + rw * dil[1], r4].astype("int32")
+            * wp[o // lanes, rc, rh, rw, o % lanes, r4].astype("int32"),
+            axis=[rc, rh, rw, r4]),
+        name="conv2d_packed_int8",
+        attrs={KERNEL_ATTR: "conv2d_packed_int8", INTRIN_ATTR: intrin, LANES_ATTR: lanes})
+    if comp is None and op == out_channels:
+        return conv
+    if comp is None:
+        return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: conv[b, o, i, j],
+                          name="conv2d_slice")
+    return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: conv[b, o, i, j] - comp[o],
+                      name="conv2d_shift_comp")
+
+
+def conv2d_spatial(x, wt, stride, pad, dil, groups, out_dtype):
+    """NCHW grouped / depthwise conv2d with OIHW weights, vectorized over width."""
+    from tvm import te
+
+    n, c, h, w = (int(v) for v in x.shape)
+    o, cpg, kh, kw = (int(v) for v in wt.shape)
+    opg = o // groups
+    oh, ow = _out_hw(h, w, kh, kw, stride, pad, dil)
+    xp = _pad_nchw(x, pad)
+    rc = te.reduce_axis((0, cpg), "rc")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    return te.compute(
+        (n, o, oh, ow),
+        lambda b, oc, i, j: te.sum(
+            xp[b, (oc // opg) * cpg + rc, i * stride[0] + rh * dil[0],
+               j * stride[1] + rw * dil[1]].astype(out_dtype)
+            * wt[oc, rc, rh, rw].astype(out_dtype),
+            axis=[rc, rh, rw]),
+        name="conv2d_spatial",
+        attrs={KERNEL_ATTR: "conv2d_spatial", INTRIN_ATTR: "none", LANES_ATTR: 0})
+
+
+def matmul_packed_float(a, bp, n_out, lanes, out_dtype):
+    """[M, K] x packed [N/L, K, L] -> [M, N]."""
+    from tvm import te
+
+    m, k = (int(v) for v in a.shape)
+    npad = int(bp.shape[0]) * lanes
+    rk = te.reduce_axis((0, k), "rk")
+    mm = te.compute(
+        (m, npad),
+        lambda i, j: te.sum((a[i, rk] * bp[j // lanes, rk, j % lanes]).astype(out_dtype), axis=rk),
+        name="matmul_packed",
+        attrs={KERNEL_ATTR: "matmul_packed", INTRIN_ATTR: "float", LANES_ATTR: lanes})
+    if npad == n_out:
+        return mm
+    return te.compute((m, n_out), lambda i, j: mm[i, j], name="matmul_slice")
+
+
+def matmul_packed_int8(a, bp, comp, n_out, lanes, shift, act_dtype, intrin):
+    """[M, K] int8 x packed [N/L, K/4, L, 4] int8 -> [M, N] int32."""
+    from tvm import te, tirx
+
+    m, k = (int(v) for v in a.shape)
+    kb = int(bp.shape[1])
+    npad = int(bp.shape[0]) * lanes
+
+    def _aval(i, kk, k4):
+        ch = kk * 4 + k4
+        v = tirx.if_then_else(ch < k, a[i, tirx.min(ch, k - 1)].astype("int32"),
+                              tirx.const(0, "int32"))
+        if shift:
+            v = v + shift
+        return v.astype(act_dtype)
+
+    ap = te.compute((m, kb, 4), _aval, name="pack_k4")
+    rk = te.reduce_axis((0, kb), "rk")
+    r4 = te.reduce_axis((0, 4), "r4")
+    mm = te.compute(
+        (m, npad),
+        lambda i, j: te.sum(ap[i, rk, r4].astype("int32")
+                            * bp[j // lanes, rk, j % lanes, r4].astype("int32"), axis=[rk, r4]),
+        name="matmul_packed_int8",
+        attrs={KERNEL_ATTR: "matmul_packed_int8", INTRIN_ATTR: intrin, LANES_ATTR: lanes})
+    if comp is None and npad == n_out:
+        return mm
+    if comp is None:
+        return te.compute((m, n_out), lambda i, j: mm[i, j], name="matmul_slice")
+    return te.compute((m, n_out), lambda i, j: mm[i, j] - comp[j], name="matmul_shift_comp")
+
+
+# --------------------------------------------------------------------------- Relax rewrite
+def _static_shape(expr):
+    try:
+        shape = expr.ty.shape
+        vals = shape.values if hasattr(shape, "values") else shape
+        return tuple(int(v) for v in vals)
+    except Exception:  # noqa: BLE001 - symbolic or unknown shape
+        return None
+
+
+def _dtype(expr) -> str:
+    return str(expr.ty.dtype)
+
+
+def _const_numpy(expr):
+    from tvm import relax
+
+    if isinstance(expr, type(relax.const(0))):
+        return expr.value.numpy()
+    return None
+
+
+def _int8_parts(plan: LayoutPlan, x_dtype: str):
+    """(intrinsic, activation dtype, shift) for an int8 kernel with ``x_dtype`` input."""
+    act = plan.act_dtype if plan.int8_intrin != "generic" else x_dtype
+    if x_dtype == act:
+        return act, 0
+    return act, (128 if act == "uint8" else -128)
+
+
+def _float_lanes(lanes: int, channels: int) -> int:
+    """``lanes``, or half of it when that avoids padding the output channels."""
+    if channels % lanes and lanes > 4 and channels % (lanes // 2) == 0:
+        return lanes // 2
+    return lanes
+
+
+def _make_mutator(plan: LayoutPlan):
+    from tvm import relax
+    from tvm.relax import expr_functor
+
+    @expr_functor.mutator
+    class _Packer(relax.PyExprMutator):
+        def visit_call_(self, orig):
+            call = super().visit_call_(orig)
+            try:
+                name = call.op.name
+            except AttributeError:
+                return call
+            try:
+                if name == "relax.nn.conv2d":
+                    new = self._conv2d(call, orig)
+                elif name == "relax.matmul":
+                    new = self._matmul(call, orig)
+                else:
+                    new = None
+            except Exception:  # noqa: BLE001 - never fail a build: leave the op as it was
+                if os.environ.get("QCOMPILE_SCHEDULE_DEBUG"):
+                    raise
+                new = None
+            return call if new is None else new
+
+        # ---- conv2d
+        def _conv2d(self, call, orig):
+            attrs = call.attrs
+            if (str(attrs.data_layout) != "NCHW" or str(attrs.kernel_layout) != "OIHW"
+                    or str(attrs.out_layout) != "NCHW"):
+                return None
+            x, wexpr = call.args
+            w = _const_numpy(wexpr)
+            xshape = _static_shape(x)
+            if w is None or xshape is None or len(xshape) != 4 or w.ndim != 4:
+                return None
+            out_dtype = _dtype(orig)
+            x_dtype, w_dtype = _dtype(x), str(w.dtype)
+            stride = tuple(int(v) for v in attrs.strides)
+            pad = tuple(int(v) for v in attrs.padding)
+            dil = tuple(int(v) for v in attrs.dilation)
+            groups = int(attrs.groups)
+            is_float = x_dtype == "float32" and w_dtype == "float32" and out_dtype == "float32"
+            is_int8 = (x_dtype in ("uint8", "int8") and w_dtype == "int8"
+                       and out_dtype == "int32")
+            if not (is_float or is_int8):
+                return None
+            o = w.shape[0]
+            bb = self.builder_
+            if groups != 1:
+                return bb.call_te(conv2d_spatial, x, relax.const(w), stride, pad, dil, groups,
+                                  out_dtype, primfunc_name_hint="conv2d_spatial")
+            if is_float:
+                lanes = _float_lanes(plan.float_lanes, o)
+                wp = pack_conv_weight_float(w, lanes)
+                return bb.call_te(conv2d_packed_float, x, relax.const(wp), o, stride, pad, dil,
+                                  lanes, out_dtype, primfunc_name_hint="conv2d_packed")
+            lanes = plan.int8_lanes
+            intrin = plan.int8_intrin
+            wp = pack_conv_weight_int8(w, lanes)
+            if intrin == "avx2-vpmaddubsw" and not vpmaddubsw_exact(wp):
+                intrin = "generic"  # saturating int16 pairs would change results
+            act, shift = _int8_parts(LayoutPlan(0, intrin, lanes, plan.act_dtype), x_dtype)
+            comp = None
+            if shift:
+                comp_np = (shift * w.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
+                comp = relax.const(comp_np)
+            return bb.call_te(conv2d_packed_int8, x, relax.const(wp), comp, o, stride, pad, dil,
+                              lanes, shift, act, intrin, primfunc_name_hint="conv2d_packed_int8")
+
+        # ---- matmul
+        def _matmul(self, call, orig):
+            a, bexpr = call.args
+            b = _const_numpy(bexpr)
+            ashape = _static_shape(a)
+            if b is None or ashape is None or b.ndim != 2 or len(ashape) != 2:
+                return None
+            out_dtype = _dtype(orig)
+            a_dtype, b_dtype = _dtype(a), str(b.dtype)
+            k, n = b.shape
+            bb = self.builder_
+            if a_dtype == "float32" and b_dtype == "float32" and out_dtype == "float32":
+                lanes = _float_lanes(plan.float_lanes, n)
+                return bb.call_te(matmul_packed_float, a,
+                                  relax.const(pack_matmul_weight_float(b, lanes)), n, lanes,
+                                  out_dtype, primfunc_name_hint="matmul_packed")
+            if a_dtype in ("uint8", "int8") and b_dtype == "int8" and out_dtype == "int32":
+                lanes, intrin = plan.int8_lanes, plan.int8_intrin
+                bp = pack_matmul_weight_int8(b, lanes)
+                if intrin == "avx2-vpmaddubsw" and not vpmaddubsw_exact(bp):
+                    intrin = "generic"
+                act, shift = _int8_parts(LayoutPlan(0, intrin, lanes, plan.act_dtype), a_dtype)
+                comp = None
+                if shift:
+                    comp = relax.const((shift * b.astype(np.int64).sum(axis=0)).astype(np.int32))
+                return bb.call_te(matmul_packed_int8, a, relax.const(bp), comp, n, lanes, shift,
+                                  act, intrin, primfunc_name_hint="matmul_packed_int8")
+            return None
+
+    return _Packer
+
+
+def pack_weights_pass(target, force_intrin: str | None = None):
+    """The Relax module pass that packs constant conv2d/matmul weights for ``target``."""
+    import tvm
+    from tvm import relax
+
+    plan = plan_for_target(target, force_intrin)
+
+    @tvm.transform.module_pass(opt_level=0, name="qcompile.PackWeights")
+    def _pass(mod, _ctx):
+        if plan is None:
+            return mod
+        mod = relax.transform.FoldConstant()(mod)
+        packer = _make_mutator(plan)(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                func = packer.visit_expr(func)
+                packer.builder_.update_func(gv, func)
+        return packer.builder_.get()
+
+    return _pass
+
+
+def layout_passes(target) -> list:
+    """Passes run before LegalizeOps (see ``qcompile.pipeline.fuse_passes``)."""
+    return [pack_weights_pass(target)]

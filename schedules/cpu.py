@@ -1,0 +1,393 @@
+"""Default CPU schedules (no tuning): a small rule set in the spirit of ``tvm.s_tir.dlight``.
+
+``ApplyCPUSchedules(target)`` is a module pass over the fused TIR kernels:
+
+1. Kernels built by ``qcompile.layout`` (reduction block annotated ``qcompile_kernel``):
+   packed conv2d / matmul, float and int8, with their fused epilogue.  Register-tiled
+   micro-kernel: ``lanes`` output channels (the packed axis, one vector) x ``tw`` output
+   pixels (unrolled) of accumulators in a local buffer; reduction loops outside; the
+   epilogue (bias, requantize, ReLU/Clip, residual add, channel slice) is inlined into
+   the write-back of each tile; the outer spatial loops are fused and parallelized.
+   int8 tiles are tensorized with the target's dot-product intrinsic (``schedules.intrin``).
+2. dlight's CPU GEMV / Reduction rules.
+3. Anything else: outer data-parallel loops parallelized, innermost loop vectorized.
+
+Each rule works on a copy of the function; if it raises, the next rule is tried and
+finally the kernel is left as it was: a rule that does not match never fails a build.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tvm import s_tir, tirx
+
+from qcompile.layout import INTRIN_ATTR, KERNEL_ATTR, LANES_ATTR
+
+# Force the portable (plain TIR) implementation of every int8 intrinsic: set by tests and
+# by hosts that cannot run the real instruction. Keys: intrinsic family names.
+PORTABLE: set[str] = set()
+
+
+# --------------------------------------------------------------------------- helpers
+def _extent(sch, loop) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _annotation(sch, block, key, default=None):
+    ann = sch.get(block).annotations
+    return ann[key] if key in ann else default
+
+
+def _root_blocks(sch):
+    root = sch.get_sblock("root") if _has_root(sch) else None
+    if root is None:
+        return []
+    return list(sch.get_child_blocks(root))
+
+
+def _has_root(sch) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _is_spatial(sch, block) -> bool:
+    return all(int(iv.iter_type) == 0 for iv in sch.get(block).iter_vars)
+
+
+def _pick_tile(extent: int, lo: int = 4, hi: int = 8) -> int:
+    """The largest divisor of ``extent`` in [lo, hi], else ``hi`` (or extent if small)."""
+    if extent <= hi:
+        return extent
+    for t in range(hi, lo - 1, -1):
+        if extent % t == 0:
+            return t
+    return hi
+
+
+def _find_annotated(sch):
+    for block in _all_blocks(sch):
+        kind = _annotation(sch, block, KERNEL_ATTR)
+        if kind is not None:
+            return block, str(kind)
+    return None, None
+
+
+def _all_blocks(sch):
+    return _root_blocks(sch)
+
+
+def _inline_epilogue(sch, block):
+    """Reverse-inline the chain of elementwise consumers into ``block``."""
+    while True:
+        consumers = sch.get_consumers(block)
+        if len(consumers) != 1:
+            return
+        cons = consumers[0]
+        if not _is_spatial(sch, cons):
+            return
+        # Only a consumer over exactly the producer's domain: reverse_compute_inline of a
+        # slice (channel padding) keeps the producer's larger loop and writes out of bounds.
+        if not _same_write_shape(sch, block, cons):
+            return
+        try:
+            sch.reverse_compute_inline(cons)
+        except Exception:  # noqa: BLE001 - not inlinable: leave it as its own loop nest
+            return
+
+
+def _region_buffer(region):
+    return region.buffer if hasattr(region, "buffer") else region.source
+
+
+def _same_write_shape(sch, a, b) -> bool:
+    wa, wb = sch.get(a).writes, sch.get(b).writes
+    if len(wa) != 1 or len(wb) != 1:
+        return False
+    sa = [int(x) for x in _region_buffer(wa[0]).shape]
+    sb = [int(x) for x in _region_buffer(wb[0]).shape]
+    if sa != sb:
+        return False
+    def dom(blk):
+        return [int(iv.dom.extent) if isinstance(iv.dom.extent, tirx.IntImm) else -1
+                for iv in sch.get(blk).iter_vars]
+
+    return dom(a) == dom(b)
+
+
+def _vector_split(sch, loop, width: int):
+    ext = _extent(sch, loop)
+    if ext is None or ext <= 1:
+        return None
+    if ext <= width:
+        sch.vectorize(loop)
+        return loop
+    if ext % width == 0:
+        _, inner = sch.split(loop, [None, width])
+        sch.vectorize(inner)
+        return inner
+    return None
+
+
+def _schedule_spatial(sch, block, width: int, min_parallel: int = 2048):
+    """Parallelize outer loops and vectorize the innermost of one data-parallel nest."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    exts = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in exts):
+        return
+    total = 1
+    for e in exts:
+        total *= e
+    inner = loops[-1]
+    _vector_split(sch, inner, width)
+    outer = loops[:-1]
+    if outer and total >= min_parallel:
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(fused)
+
+
+def _schedule_reduction_generic(sch, block, width: int):
+    """Parallelize the leading data-parallel loops of a reduction nest."""
+    loops = sch.get_loops(block)
+    ivs = sch.get(block).iter_vars
+    if len(loops) != len(ivs):
+        return
+    lead = []
+    for lp, iv in zip(loops, ivs):
+        if int(iv.iter_type) != 0:
+            break
+        lead.append(lp)
+    if lead and len(lead) < len(loops):
+        exts = [_extent(sch, lp) for lp in lead]
+        if None in exts:
+            return
+        fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+        sch.parallel(fused)
+
+
+# --------------------------------------------------------------------------- packed kernels
+def _schedule_producers(sch, block, width: int):
+    for prod in sch.get_producers(block):
+        if _is_spatial(sch, prod):
+            _schedule_spatial(sch, prod, width, min_parallel=0)
+
+
+def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
+    """conv2d_packed (float) and conv2d_packed_int8: see the module docstring."""
+    is_int8 = intrin != "float"
+    loops = sch.get_loops(block)
+    if is_int8:
+        b, o, i, j, rc, rh, rw, r4 = loops
+    else:
+        b, o, i, j, rc, rh, rw = loops
+    ow = _extent(sch, j)
+    tw = _pick_tile(ow, 4, 8)
+    oo, oi = sch.split(o, [None, lanes])
+    jo, ji = sch.split(j, [None, tw])
+    if is_int8:
+        sch.reorder(b, oo, i, jo, rc, rh, rw, ji, oi, r4)
+    else:
+        sch.reorder(b, oo, i, jo, rc, rh, rw, ji, oi)
+    _schedule_producers(sch, block, vec_width)
+    wb = sch.cache_write(block, 0, "local")
+    sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, h, w, c))
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    wl = sch.get_loops(wb)[4:]
+    # wl: (n, o, h, w) iters of the write-back inside the tile -> (w, o), vectorize o
+    if len(wl) == 4:
+        sch.reorder(wl[3], wl[1])
+        sch.vectorize(wl[1])
+    sch.parallel(sch.fuse(b, oo, i))
+    _finish_inner(sch, block, ji, oi, r4 if is_int8 else None, intrin, lanes, rc)
+
+
+def _finish_inner(sch, block, tile_loop, lane_loop, r4_loop, intrin: str, lanes: int,
+                  red_loop):
+    """Vectorize / tensorize the micro-kernel; split off the accumulator init."""
+    if intrin in ("avx512-vnni", "avx2-vpmaddubsw", "arm-sdot"):
+        from .intrin import get_intrin
+
+        name = get_intrin(intrin, portable=intrin in PORTABLE)
+        init = sch.decompose_reduction(block, red_loop)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(lane_loop, name)
+        sch.unroll(tile_loop)
+        return
+    if intrin != "float":  # generic int8: widen and multiply in int32 lanes
+        sch.reorder(r4_loop, lane_loop)
+        sch.unroll(r4_loop)
+    sch.vectorize(lane_loop)
+    sch.unroll(tile_loop)
+    init = sch.decompose_reduction(block, red_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def schedule_matmul_packed(sch, block, lanes: int, intrin: str, vec_width: int):
+    is_int8 = intrin != "float"
+    loops = sch.get_loops(block)
+    if is_int8:
+        i, j, rk, r4 = loops
+    else:
+        i, j, rk = loops
+    m = _extent(sch, i)
+    tm = _pick_tile(m, 2, 6) if m > 1 else 1
+    io, ii = sch.split(i, [None, tm])
+    jo, ji = sch.split(j, [None, lanes])
+    if is_int8:
+        sch.reorder(io, jo, rk, ii, ji, r4)
+    else:
+        sch.reorder(io, jo, rk, ii, ji)
+    _schedule_producers(sch, block, vec_width)
+    wb = sch.cache_write(block, 0, "local")
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    wl = sch.get_loops(wb)[2:]
+    if len(wl) == 2:
+        sch.vectorize(wl[1])
+    sch.parallel(sch.fuse(io, jo))
+    _finish_inner(sch, block, ii, ji, r4 if is_int8 else None, intrin, lanes, rk)
+
+
+def schedule_conv2d_spatial(sch, block, vec_width: int, acc_width: int):
+    b, o, i, j, rc, rh, rw = sch.get_loops(block)
+    ow = _extent(sch, j)
+    tw = ow if ow <= acc_width else (acc_width if ow % acc_width == 0 else _pick_tile(ow, 4, acc_width))
+    jo, ji = sch.split(j, [None, tw])
+    sch.reorder(b, o, i, jo, rc, rh, rw, ji)
+    _schedule_producers(sch, block, vec_width)
+    wb = sch.cache_write(block, 0, "local")
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(wb)[-1])
+    sch.vectorize(ji)
+    sch.unroll(rw)
+    sch.unroll(rh)
+    sch.parallel(sch.fuse(b, o, i))
+    init = sch.decompose_reduction(block, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+def apply_packed_rule(func, target):
+    """Schedule a qcompile packed kernel; None when ``func`` holds none."""
+    sch = s_tir.Schedule(func)
+    block, kind = _find_annotated(sch)
+    if block is None:
+        return None
+    intrin = str(_annotation(sch, block, INTRIN_ATTR, "float"))
+    lanes = int(_annotation(sch, block, LANES_ATTR, 8))
+    vec = _vector_width(target)
+    if kind in ("conv2d_packed", "conv2d_packed_int8"):
+        schedule_conv2d_packed(sch, block, lanes, intrin if kind.endswith("int8") else "float", vec)
+    elif kind in ("matmul_packed", "matmul_packed_int8"):
+        schedule_matmul_packed(sch, block, lanes, intrin if kind.endswith("int8") else "float", vec)
+    elif kind == "conv2d_spatial":
+        schedule_conv2d_spatial(sch, block, vec, 2 * vec)
+    else:
+        return None
+    _schedule_rest(sch, vec)
+    return sch
+
+
+def _schedule_rest(sch, vec):
+    """Leftover root-level spatial nests (epilogues that did not inline)."""
+    for blk in _root_blocks(sch):
+        try:
+            loops = sch.get_loops(blk)
+            if loops and not any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in loops):
+                if _is_spatial(sch, blk):
+                    _schedule_spatial(sch, blk, vec)
+        except Exception:  # noqa: BLE001
+            continue
+
+
+def _vector_width(target) -> int:
+    """float32 lanes of the target's widest vector unit."""
+    from tvm.target import codegen
+
+    try:
+        if codegen.target_has_features("avx512f", target):
+            return 16
+        if codegen.target_has_features("avx2", target):
+            return 8
+    except Exception:  # noqa: BLE001
+        pass
+    return 4
+
+
+def apply_generic_rule(func, target):
+    """Parallelize + vectorize every root-level nest (spatial or reduction)."""
+    sch = s_tir.Schedule(func)
+    vec = _vector_width(target)
+    changed = False
+    for blk in _root_blocks(sch):
+        try:
+            if _is_spatial(sch, blk):
+                _schedule_spatial(sch, blk, vec)
+            else:
+                _schedule_reduction_generic(sch, blk, vec)
+            changed = True
+        except Exception:  # noqa: BLE001 - leave this nest alone
+            continue
+    return sch if changed else None
+
+
+def _dlight_rules():
+    from tvm.s_tir import dlight as dl
+
+    return [dl.cpu.GEMV(), dl.cpu.Reduction()]
+
+
+def schedule_func(func, target):
+    """The scheduled PrimFunc for ``func`` (or ``func`` itself when no rule applies)."""
+    for rule in (apply_packed_rule, _apply_dlight, apply_generic_rule):
+        try:
+            sch = rule(func, target)
+        except Exception:  # noqa: BLE001 - a rule that does not fit: try the next
+            if os.environ.get("QCOMPILE_SCHEDULE_DEBUG"):
+                raise
+            sch = None
+        if sch is not None:
+            return sch.mod["main"]
+    return None
+
+
+def _apply_dlight(func, target):
+    for rule in _dlight_rules():
+        space = rule.apply(func, target, False)
+        if space is None:
+            continue
+        return space[0] if isinstance(space, list) else space
+    return None
+
+
+def _is_scheduled(func) -> bool:
+    return bool(func.attrs is not None and "tirx.is_scheduled" in func.attrs
+                and int(func.attrs["tirx.is_scheduled"]) == 1)
+
+
+def apply_cpu_schedules(target):
+    """Module pass: schedule every unscheduled PrimFunc with the rules above."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="qcompile.ApplyCPUSchedules")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+                continue
+            tgt = func.attrs.get("target") if func.attrs is not None else None
+            new = schedule_func(func, tgt or target)
+            if new is not None:
+                updates[gv] = new.with_attr("tirx.is_scheduled", True)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
