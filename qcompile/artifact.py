@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,27 +27,74 @@ def read_artifact(directory: str | os.PathLike) -> Artifact:
                             "(or an interrupted compile)")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ArtifactError(f"{manifest_path}: unreadable manifest ({first})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path}: not a {FORMAT} manifest")
-    for key in ("target", "inputs", "outputs", "library"):
-        if key not in manifest:
-            raise ArtifactError(f"{manifest_path}: manifest lacks '{key}'")
+    _check_manifest(manifest, manifest_path)
     library = manifest["library"]
-    lib_name = str(library.get("file", LIBRARY))
-    if Path(lib_name).name != lib_name:
-        raise ArtifactError(f"{manifest_path}: library file '{lib_name}' must be a plain "
+    lib_name = library.get("file", LIBRARY)
+    if not isinstance(lib_name, str) or not lib_name or Path(lib_name).name != lib_name \
+            or lib_name in (".", ".."):
+        raise ArtifactError(f"{manifest_path}: library file {lib_name!r} must be a plain "
                             "file name inside the artifact")
     lib_path = directory / lib_name
     if not lib_path.is_file():
         raise ArtifactError(f"{directory}: {lib_name} is missing")
+    if not lib_path.resolve().is_relative_to(directory.resolve()):
+        raise ArtifactError(f"{lib_path}: is a link to a file outside the artifact; "
+                            "refusing to load it")
     actual = sha256_file(lib_path)
     if actual != library.get("sha256"):
         raise ArtifactError(f"{lib_path}: sha256 {actual[:16]}… does not match the manifest's "
                             f"{str(library.get('sha256'))[:16]}…; the library was modified or "
                             "corrupted, refusing to load it")
     return Artifact(directory, manifest)
+
+
+_TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+def _check_manifest(manifest: dict, manifest_path: Path) -> None:
+    """The manifest's structure, so that a tampered or foreign manifest ends here, in
+    one ArtifactError naming the file, and not later in a KeyError or TypeError."""
+    def bad(what: str):
+        raise ArtifactError(f"{manifest_path}: {what}; the manifest is damaged or was not "
+                            "written by qcompile")
+
+    for key, kind in (("target", dict), ("inputs", list), ("outputs", list),
+                      ("library", dict), ("model", dict)):
+        if key not in manifest:
+            bad(f"manifest lacks '{key}'")
+        if not isinstance(manifest[key], kind):
+            bad(f"'{key}' must be a {'JSON object' if kind is dict else 'list'}")
+    name = manifest["target"].get("name")
+    if not isinstance(name, str) or not _TARGET_NAME.match(name) or name.endswith(".toml"):
+        bad(f"target name {name!r} is not a target name")
+    if not isinstance(manifest["target"].get("arch", ""), str):
+        bad("target arch must be a string")
+    if not isinstance(manifest["model"].get("path", ""), str):
+        bad("model path must be a string")
+    if not manifest["inputs"]:
+        bad("the model has no inputs")
+    for key in ("inputs", "outputs"):
+        for entry in manifest[key]:
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
+                    or not isinstance(entry.get("shape"), list) \
+                    or not all(type(d) is int and d >= 0 for d in entry["shape"]) \
+                    or entry.get("dtype") not in _DTYPES:
+                bad(f"{key} entry {str(entry)[:120]} needs a name, a shape of sizes and "
+                    "a dtype")
+    if not isinstance(manifest.get("quantization", {}), dict):
+        bad("'quantization' must be a JSON object")
+    sha = manifest["library"].get("sha256")
+    if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+        bad("library sha256 is missing or not a sha256 hex digest")
+
+
+_DTYPES = {"float32", "float16", "float64", "bfloat16", "int8", "uint8", "int16", "int32",
+           "int64", "bool"}
 
 
 class Runner:
@@ -151,6 +199,11 @@ def load_feed_npz(path: str | os.PathLike, inputs, limit: int | None = None
         raise InputError(f"{path}: no such data file") from None
     except Exception as exc:
         raise InputError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # a zip member that is not an .npy
+            raise InputError(f"{path}: member '{key}' is not a NumPy array")
+        if value.ndim == 0:
+            raise InputError(f"{path}: '{key}' is a scalar; expected samples on axis 0")
     labels = arrays.pop("labels", None)
     if len(inputs) == 1 and inputs[0].name not in arrays and len(arrays) == 1:
         # A single unnamed array feeds a single-input model.
@@ -160,13 +213,21 @@ def load_feed_npz(path: str | os.PathLike, inputs, limit: int | None = None
     if len(counts) != 1 or 0 in counts:
         raise InputError(f"{path}: inputs hold different or zero sample counts {counts}")
     total = counts.pop()
-    if labels is not None and len(labels) != total:
-        raise InputError(f"{path}: {len(labels)} labels for {total} samples")
+    step = inputs[0].shape[0] if inputs[0].shape else 1
+    if total < step:
+        raise InputError(f"{path}: {total} samples, fewer than one batch of {step} (the "
+                         "compiled batch size)")
+    if labels is not None:
+        if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer)
+                                    or labels.dtype == np.bool_):
+            raise InputError(f"{path}: 'labels' must be a 1-D array of class indices, not "
+                             f"{labels.dtype} of shape {labels.shape}")
+        if len(labels) != total:
+            raise InputError(f"{path}: {len(labels)} labels for {total} samples")
     for info in inputs:
         if np.issubdtype(arrays[info.name].dtype, np.floating) and \
                 not np.isfinite(arrays[info.name]).all():
             raise InputError(f"{path}: input '{info.name}' holds NaN or Inf")
-    step = inputs[0].shape[0] if inputs[0].shape else 1
     feeds = []
     for start in range(0, total - step + 1, step):
         if limit is not None and len(feeds) * step >= limit:

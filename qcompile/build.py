@@ -129,19 +129,25 @@ def _export(executable, spec: TargetSpec, lib_path: Path) -> None:
     import tvm
 
     kwargs = {}
+    where = f"{spec.path}: " if spec.path else ""
     if spec.cross_compiler:
         if shutil.which(spec.cross_compiler) is None:
-            raise BuildError(f"target {spec.name} links with '{spec.cross_compiler}', which "
-                             "is not on PATH (Debian: apt-get install g++-aarch64-linux-gnu)")
+            raise BuildError(f"{where}target {spec.name} links with '{spec.cross_compiler}', "
+                             "which is not on PATH (Debian: apt-get install "
+                             "g++-aarch64-linux-gnu)")
         kwargs["fcompile"] = tvm.support.cc.cross_compiler(spec.cross_compiler)
     try:
         executable.export_library(str(lib_path), **kwargs)
     except OSError as exc:
-        raise BuildError(f"cannot write {lib_path}: {exc.strerror}") from None
+        raise BuildError(f"cannot write {lib_path}: {exc.strerror or exc}") from None
     except Exception as exc:
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise BuildError(f"exporting {lib_path.name} for {spec.name} failed: {first[:400]}"
-                         ) from exc
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        first = " ".join(lines[:2]) if lines else type(exc).__name__
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            raise BuildError(f"cannot write {lib_path}: no space left on the device") \
+                from None
+        raise BuildError(f"{where}exporting {lib_path.name} for {spec.name} failed: "
+                         f"{first[:400]}") from exc
 
 
 def _cuda_sources(executable) -> str:

@@ -29,6 +29,12 @@ QOPERATOR_HINT = ("QOperator-format models are not supported: re-export the mode
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
                 9: "bool", 10: "float16", 11: "float64"}
 MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit for one message
+MIN_OPSET = 7  # older opsets differ in op semantics (broadcast attrs, consumed_inputs)
+# TVM indexes tensors with int32 unless told otherwise: larger inputs cannot build right.
+MAX_INPUT_ELEMENTS = (1 << 31) - 1
+# Ops whose initializer inputs are weights: Inf there is a broken model, not a mask.
+_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
+               "InstanceNormalization", "LayerNormalization"}
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,9 @@ def read_onnx(path: str | os.PathLike):
                          f"{str(exc).splitlines()[0] if str(exc) else 'parse error'})") from None
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise ModelError(f"{path}: the file parses but holds no ONNX graph (no nodes)")
+    if len(model.graph.output) == 0:
+        raise ModelError(f"{path}: the graph declares no outputs")
+    _check_opset(model, path)
     _load_external_data(model, path)
     try:
         onnx.checker.check_model(model)
@@ -114,6 +123,21 @@ def read_onnx(path: str | os.PathLike):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: fails the ONNX checker: {first}") from None
     return model
+
+
+def _check_opset(model, path: Path) -> None:
+    """The default-domain opset must be one ONNX defines and TVM's importer takes."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    opset = model_opset(model)
+    if opset == 0:
+        raise ModelError(f"{path}: the model imports no default ONNX opset (opset_import "
+                         "lacks domain ''); re-export it with an opset")
+    if not MIN_OPSET <= opset <= newest:
+        raise ModelError(f"{path}: opset {opset} is outside what qcompile takes "
+                         f"({MIN_OPSET}-{newest}); convert it with "
+                         f"onnx.version_converter.convert_version(model, {min(17, newest)})")
 
 
 def _load_external_data(model, path: Path) -> None:
@@ -126,7 +150,14 @@ def _load_external_data(model, path: Path) -> None:
     for tensor in tensors:
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
-        target = (base / location).resolve()
+        if "\x00" in location:
+            raise ModelError(f"{path}: tensor '{tensor.name}' has an external data location "
+                             "with a NUL byte; refused")
+        try:
+            target = (base / location).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"{path}: tensor '{tensor.name}': external data location "
+                             f"'{location}' cannot be resolved ({exc})") from None
         if os.path.isabs(location) or not target.is_relative_to(base):
             raise ModelError(f"{path}: tensor '{tensor.name}' points to external data "
                              f"'{location}' outside the model's directory; refused")
@@ -163,6 +194,39 @@ def check_ops(model, path: str) -> None:
                                      "replace it, or export the model without it")
 
 
+def check_weights(model, path: str) -> None:
+    """Refuse NaN in any float constant, and Inf in a weight (an initializer feeding
+    Conv, Gemm, MatMul or a normalization); also tensors whose data does not fit their
+    dims. Inf elsewhere (a -inf attention mask) is left alone."""
+    from onnx import TensorProto, numpy_helper
+
+    float_types = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
+                   TensorProto.BFLOAT16}
+    weights = {name for node in model.graph.node if node.op_type in _WEIGHT_OPS
+               for name in node.input[1:]}
+    tensors = [(t, "initializer") for t in model.graph.initializer]
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append((attr.t, f"node '{node.name or node.op_type}'"))
+    for tensor, where in tensors:
+        if tensor.data_type not in float_types:
+            continue
+        name = tensor.name or where
+        try:
+            array = numpy_helper.to_array(tensor)
+        except Exception as exc:  # data length does not match dims, unknown layout
+            raise ModelError(f"{path}: {where} '{name}' cannot be read: "
+                             f"{_first_line(exc)}") from None
+        values = np.asarray(array, dtype=np.float64) if array.dtype.kind == "V" else array
+        if np.isnan(values).any():
+            raise ModelError(f"{path}: {where} '{name}' holds NaN values; the model is "
+                             "broken (re-export it from a healthy checkpoint)")
+        if tensor.name in weights and np.isinf(values).any():
+            raise ModelError(f"{path}: weight '{name}' holds Inf values; the model is "
+                             "broken (re-export it from a healthy checkpoint)")
+
+
 def graph_inputs(model, overrides: dict[str, tuple[int, ...]], path: str,
                  notices: list[str]) -> list[TensorInfo]:
     """Static shapes for the graph inputs: the model's own, or the user's overrides."""
@@ -190,7 +254,11 @@ def graph_inputs(model, overrides: dict[str, tuple[int, ...]], path: str,
         else:
             shape = []
             for axis, dim in enumerate(dims):
-                if dim.HasField("dim_value") and dim.dim_value > 0:
+                if dim.HasField("dim_value") and dim.dim_value <= 0:
+                    raise ModelError(f"{path}: input '{value.name}' has size "
+                                     f"{dim.dim_value} on axis {axis}; sizes must be "
+                                     "positive")
+                if dim.HasField("dim_value"):
                     shape.append(int(dim.dim_value))
                 else:
                     label = dim.dim_param or "?"
@@ -199,6 +267,9 @@ def graph_inputs(model, overrides: dict[str, tuple[int, ...]], path: str,
                                    f"{value.name}:...)")
                     shape.append(1)
             shape = tuple(shape)
+        if int(np.prod(shape, dtype=object)) > MAX_INPUT_ELEMENTS:
+            raise ModelError(f"{path}: input '{value.name}' has shape {tuple(shape)}, more "
+                             f"than {MAX_INPUT_ELEMENTS} elements; qcompile cannot build it")
         inputs.append(TensorInfo(value.name, tuple(shape), dtype))
     unknown = set(overrides) - {i.name for i in inputs}
     if unknown:
@@ -218,6 +289,7 @@ def import_onnx(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]
     path = str(path)
     model = read_onnx(path)
     check_ops(model, path)
+    check_weights(model, path)
     notices: list[str] = []
     inputs = graph_inputs(model, dict(input_shapes or {}), path, notices)
     shape_dict = {i.name: list(i.shape) for i in inputs}

@@ -15,6 +15,7 @@ import copy
 import functools
 import os
 import platform
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -128,16 +129,22 @@ def load_spec(path: str | os.PathLike) -> TargetSpec:
     """Read one descriptor file; errors name the file and the bad key."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise TargetError(f"{path}: cannot read target descriptor: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise TargetError(f"{path}: not a UTF-8 text file; a target descriptor is TOML"
+                          ) from None
     except tomllib.TOMLDecodeError as exc:
         raise TargetError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise TargetError(f"{path}: not valid TOML: nested too deeply") from None
     missing = [k for k in REQUIRED_KEYS if k not in data]
     if missing:
         raise TargetError(f"{path}: target descriptor lacks {', '.join(missing)}")
     if not isinstance(data["tvm"], dict) or "kind" not in data["tvm"]:
         raise TargetError(f"{path}: [tvm] must be a table with at least `kind`")
+    _check_descriptor(data, path)
     return TargetSpec(
         name=str(data["name"]),
         arch=str(data["arch"]),
@@ -152,6 +159,38 @@ def load_spec(path: str | os.PathLike) -> TargetSpec:
         host=dict(data["host"]) if "host" in data else None,
         path=str(path),
     )
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+ARCHES = ("x86_64", "aarch64", "cuda")
+
+
+def _check_descriptor(data: dict, path: Path) -> None:
+    """Types and values of the keys, so that a bad file fails here, naming itself."""
+    def bad(what: str):
+        raise TargetError(f"{path}: {what}")
+
+    name = data["name"]
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.endswith(".toml"):
+        bad(f"name {name!r} must be a plain name (letters, digits, '_', '.', '+', '-')")
+    if data["arch"] not in ARCHES:
+        bad(f"arch {data['arch']!r} must be one of {', '.join(ARCHES)}")
+    for key in ("int8_intrinsic", "description", "cross_compiler", "rpc_key"):
+        if key in data and not isinstance(data[key], str):
+            bad(f"{key} must be a string")
+    features = data.get("isa_features", [])
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        bad("isa_features must be a list of strings, e.g. [\"avx2\", \"fma\"]")
+    if not isinstance(data.get("reduce_range", False), bool):
+        bad("reduce_range must be true or false")
+    cores = data.get("num_cores", "host")
+    if cores != "host" and (type(cores) is not int or not 1 <= cores <= 4096):
+        bad(f"num_cores {cores!r} must be a positive integer or \"host\"")
+    tvm_cores = data["tvm"].get("num-cores")
+    if tvm_cores is not None and (type(tvm_cores) is not int or not 1 <= tvm_cores <= 4096):
+        bad(f"[tvm] num-cores {tvm_cores!r} must be a positive integer")
+    if "host" in data and (not isinstance(data["host"], dict) or "kind" not in data["host"]):
+        bad("[host] must be a table with at least `kind`")
 
 
 def list_targets() -> list[TargetSpec]:
