@@ -167,3 +167,22 @@ def test_cli_options_round_trip():
     assert config.reduce_range is False
     assert config_from_args(parser.parse_args([]), get_target("x86_64-avx512-vnni")) \
         .reduce_range is False
+
+
+def test_max_accuracy_drop_falls_back_most_sensitive_layers(bundled, bundled_calib_data):
+    # a deliberately bad calibration (90th percentile clips hard) forces a fallback
+    config = QuantConfig(method="percentile", percentile=90.0, max_accuracy_drop=1.0,
+                         calib_limit=64, sqnr=False, progress=False)
+    result = quantize_model(bundled, bundled_calib_data, config, SPEC)
+    fb = result.summary["fallback"]
+    assert fb["all_int8_metric"] < fb["float_metric"] - 1.0  # it really was over budget
+    assert fb["within_budget"] and fb["final_drop"] <= 1.0
+    assert fb["float_layers"] and fb["float_layers"] == [s["float_layer"] for s in fb["steps"]]
+    assert result.summary["float_layers"] == sorted(fb["float_layers"],
+                                                    key=result.summary["float_layers"].index)
+    assert set(result.summary["float_layers"]) == set(fb["float_layers"])
+    sens = [s["isolated_output_sqnr_db"] for s in fb["sensitivity"]]
+    assert sens == sorted(sens)
+    assert "all_int8_ms" in fb["latency"] and "final_ms" in fb["latency"]
+    int8_ops = result.mod.script(show_meta=False).count('out_dtype="int32"')
+    assert int8_ops == 4 - len(fb["float_layers"])

@@ -54,7 +54,8 @@ class QuantConfig:
     skip: tuple = ()                  # layer names (ONNX node names) or op types to keep float
     ops: tuple = ("conv2d", "matmul")
     max_accuracy_drop: float | None = None  # points of top-1; None: no fallback search
-    eval_data: object = None          # batches {input: array} (+ optional "labels") for fallback
+    eval_data: object = None          # .npz path (input arrays + optional "labels") or batches
+                                      # {input: array, "labels": array}; default: calibration data
     dynamic: bool = False             # matmul activations quantized at run time (not yet)
     bias_correction: bool = False     # (not yet)
     sqnr: bool = True                 # per-layer SQNR vs float in the summary

@@ -228,19 +228,30 @@ def run_with_outputs(mod, extra, spec, calib, inputs, on_batch, progress=None,
     run_module(observe_module(mod, extra), spec, calib, inputs, on_batch, progress, desc)
 
 
-def run_module(mod, spec, calib, inputs, on_batch, progress=None, desc="running"):
-    """Compile ``mod`` (main returns a tuple) and call ``on_batch(fields, valid)`` per batch."""
+def runnable_spec(spec):
+    """``spec`` if its code runs on this machine, else the host's own target.
+
+    Calibration, SQNR and the fallback search run the model here, whatever the
+    final target is (an aarch64 or CUDA module cannot run on this machine).
+    """
+    from ..target import get_target
+
+    return spec if spec.runs_here() else get_target("host")
+
+
+def run_module(mod, spec, calib, inputs, on_batch, progress=None, desc="running", exe=None):
+    """Compile ``mod`` (main returns a tuple) and call ``on_batch(fields, valid)`` per batch.
+
+    ``exe``: an already compiled (runnable here) executable of ``mod``; ``mod`` is
+    then unused.
+    """
     import tvm
     from tvm import relax
 
     from ..pipeline import compile_relax
 
-    from ..target import get_target
-
-    # Calibration runs the float model here, on the host, whatever the final target is
-    # (an aarch64 or CUDA module cannot run on this machine).
-    run_spec = spec if spec.runs_here() else get_target("host")
-    exe = compile_relax(mod, run_spec)
+    if exe is None:
+        exe = compile_relax(mod, runnable_spec(spec))
     vm = relax.VirtualMachine(exe, tvm.cpu())
     batch = inputs[0].shape[0]
     for feed, valid in iterate_batches(calib, inputs, progress, desc):

@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep the most sensitive layers in float until top-1 (agreement "
                             "with float, or accuracy when the data has labels) is within "
                             "POINTS of float")
+    group.add_argument("--accuracy-data", default=None, metavar="NPZ",
+                       help="evaluation data for --max-accuracy-drop: an .npz with the model "
+                            "inputs and optionally 'labels' (default: the calibration data, "
+                            "measuring top-1 agreement with float)")
     group.add_argument("--calib-limit", type=int, default=None, metavar="N",
                        help="use at most N calibration samples")
     group.add_argument("--no-sqnr", action="store_true",
@@ -65,6 +69,7 @@ def config_from_args(args: argparse.Namespace, spec=None):
         reduce_range=reduce_range,
         skip=tuple(getattr(args, "skip", None) or ()),
         max_accuracy_drop=getattr(args, "max_accuracy_drop", None),
+        eval_data=getattr(args, "accuracy_data", None),
         dynamic=getattr(args, "dynamic", False),
         bias_correction=getattr(args, "bias_correction", False),
         sqnr=not getattr(args, "no_sqnr", False),

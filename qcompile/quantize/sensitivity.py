@@ -25,7 +25,7 @@ def sqnr_db(signal_power: float, noise_power: float) -> float | None:
     return float(10.0 * np.log10(signal_power / noise_power))
 
 
-def collect_outputs(mod, spec, data, inputs, progress=None, desc="running"):
+def collect_outputs(mod, spec, data, inputs, progress=None, desc="running", exe=None):
     """Run ``mod`` (main returns a tuple) over ``data``; list of per-field concatenations."""
     chunks: list[list] = []
 
@@ -35,7 +35,7 @@ def collect_outputs(mod, spec, data, inputs, progress=None, desc="running"):
         for store, array in zip(chunks, arrays):
             store.append(np.asarray(array))
 
-    run_module(mod, spec, data, inputs, on_batch, progress, desc)
+    run_module(mod, spec, data, inputs, on_batch, progress, desc, exe=exe)
     return [np.concatenate(c) if c[0].ndim else np.stack(c) for c in chunks]
 
 
@@ -63,3 +63,146 @@ def top1_metric(reference: np.ndarray, candidate: np.ndarray, labels=None) -> fl
         return float(100.0 * np.mean(pred == np.asarray(labels).reshape(-1)[:len(pred)]))
     ref = reference.reshape(len(reference), -1).argmax(axis=1)
     return float(100.0 * np.mean(pred == ref))
+
+
+def _eval_set(config, data, inputs):
+    """(batches, labels or None, description) for the fallback metric."""
+    from .calibrate import CalibrationData, load_calibration
+
+    source = config.eval_data
+    if source is None:
+        return data, None, f"top-1 agreement with float on the calibration data ({data.source})"
+    labels = None
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        batches = load_calibration(source, inputs)
+        if str(source).endswith(".npz"):
+            with np.load(source, allow_pickle=False) as npz:
+                for key in ("labels", "label", "y"):
+                    if key in npz.files:
+                        labels = np.asarray(npz[key]).reshape(-1)
+        what = (f"top-1 accuracy on {source}" if labels is not None
+                else f"top-1 agreement with float on {source}")
+        return batches, labels, what
+    batches = list(source)
+    if batches and all(isinstance(b, dict) and "labels" in b for b in batches):
+        labels = np.concatenate([np.asarray(b["labels"]).reshape(-1) for b in batches])
+        batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    what = "top-1 accuracy on the evaluation data" if labels is not None \
+        else "top-1 agreement with float on the evaluation data"
+    return CalibrationData(batches, "evaluation data"), labels, what
+
+
+def _latency_ms(exe, inputs) -> float:
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(exe, dev)
+    args = [tvm.runtime.tensor(np.zeros(i.shape, i.dtype)) for i in inputs]
+    timer = vm.time_evaluator("main", dev, number=5, repeat=3)
+    return float(np.median(timer(*args).results) * 1e3)
+
+
+def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
+    """Move the most sensitive layers to float until the drop is within budget.
+
+    Sensitivity of a layer: the model-output SQNR when only that layer is
+    quantized (lowest = most sensitive). The metric is top-1 accuracy when the
+    evaluation data has labels, else top-1 agreement with the float model, in
+    percent; the drop is measured against the float model on the same data.
+    Updates ``result.mod`` / ``result.plan`` and records the search in
+    ``result.summary["fallback"]``.
+    """
+    from ..pipeline import compile_relax
+    from .calibrate import observe_module, runnable_spec
+    from .plan import build_plan
+    from .realize import realize
+
+    budget = float(config.max_accuracy_drop)
+    evalset, labels, what = _eval_set(config, data, imported.inputs)
+    inputs = imported.inputs
+    onnx_model = getattr(imported, "onnx_model", None)
+    base_skip = tuple(config.skip)
+
+    def build(skip):
+        plan = build_plan(result.float_mod, onnx_model, skip=skip, ops=config.ops)
+        missing = [r for r in plan.roots if r not in result.qparams]
+        if missing:
+            raise RuntimeError(f"fallback: no calibrated range for {[v.name for v in missing]}")
+        mod, records = realize(result.float_mod, plan, result.qparams, config.per_channel,
+                               reduce_range, weight_override=result.weight_override)
+        return plan, mod, records
+
+    compiled = {}
+
+    def executable(mod):
+        key = id(mod)
+        if key not in compiled:
+            compiled[key] = (mod, compile_relax(observe_module(mod, []), runnable_spec(spec)))
+        return compiled[key][1]
+
+    def outputs(mod, batches):
+        return output_array(collect_outputs(None, spec, batches, inputs, config.progress,
+                                            "evaluating", exe=executable(mod))[0])
+
+    reference = outputs(result.float_mod, evalset)
+    float_metric = top1_metric(reference, reference, labels)
+
+    def drop_of(mod):
+        metric = top1_metric(reference, outputs(mod, evalset), labels)
+        return metric, float_metric - metric
+
+    all_int8_mod = result.mod
+    start_metric, drop = drop_of(result.mod)
+    steps = []
+    fallen: list[str] = []
+    quantized = [l.name for l in result.plan.quantized()]
+    ranking = []
+    if drop > budget and quantized:
+        # isolated sensitivity on (at most) the first 64 samples of the evaluation data
+        subset, count = [], 0
+        for batch in evalset:
+            subset.append(batch)
+            count += len(next(iter(batch.values())))
+            if count >= 64:
+                break
+        from .calibrate import CalibrationData
+
+        subset = CalibrationData(subset, "sensitivity samples")
+        ref_small = outputs(result.float_mod, subset)
+        for name in quantized:
+            others = tuple(n for n in quantized if n != name)
+            _plan, mod, _rec = build(base_skip + others)
+            ranking.append((layer_sqnr([ref_small], [outputs(mod, subset)])[0] or 0.0, name))
+        ranking.sort(key=lambda item: (item[0] if item[0] != float("inf") else 1e9))
+    metric = start_metric
+    for sqnr, name in ranking:
+        if drop <= budget:
+            break
+        fallen.append(name)
+        plan, mod, records = build(base_skip + tuple(fallen))
+        metric, drop = drop_of(mod)
+        steps.append({"float_layer": name, "isolated_output_sqnr_db": sqnr,
+                      "metric": metric, "drop": drop})
+        result.plan, result.mod = plan, mod
+    if fallen:
+        by_name = {l["name"]: l for l in result.summary["layers"]}
+        for name in fallen:
+            layer = by_name[name]
+            for key in ("input", "output", "weight", "activation", "groups"):
+                layer.pop(key, None)
+            layer.update({"int8": False, "reason": "kept float by --max-accuracy-drop"})
+    latency = {}
+    try:
+        latency["all_int8_ms"] = _latency_ms(executable(all_int8_mod), inputs)
+        latency["final_ms"] = (_latency_ms(executable(result.mod), inputs)
+                               if fallen else latency["all_int8_ms"])
+    except Exception as exc:  # noqa: BLE001 - timing is informative only
+        latency["error"] = str(exc).splitlines()[0][:200]
+    result.summary["fallback"] = {
+        "max_accuracy_drop": budget, "metric": what, "float_metric": float_metric,
+        "all_int8_metric": start_metric, "final_metric": metric, "final_drop": drop,
+        "within_budget": bool(drop <= budget), "float_layers": fallen,
+        "sensitivity": [{"layer": n, "isolated_output_sqnr_db": s} for s, n in ranking],
+        "steps": steps, "latency": latency,
+    }
