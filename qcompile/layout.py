@@ -74,8 +74,11 @@ def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | Non
     else:
         plan = LayoutPlan(8, "generic", 8, "int8")
     if force_intrin is not None:
-        lanes = {"avx512-vnni": 16, "avx2-vpmaddubsw": 8, "arm-sdot": 4}.get(force_intrin, 8)
-        act = "int8" if force_intrin == "arm-sdot" else "uint8"
+        # "<family>" or "portable-<family>": the family's packed layout, with the tile run
+        # as plain TIR when portable (bit-exact on any machine); "generic": no intrinsic.
+        base = force_intrin.removeprefix("portable-")
+        lanes = {"avx512-vnni": 16, "avx2-vpmaddubsw": 8, "arm-sdot": 4}.get(base, 8)
+        act = "int8" if base in ("arm-sdot", "generic") else "uint8"
         plan = LayoutPlan(plan.float_lanes, force_intrin, lanes, act)
     return plan
 
@@ -393,7 +396,7 @@ def _make_mutator(plan: LayoutPlan):
             lanes = plan.int8_lanes
             intrin = plan.int8_intrin
             wp = pack_conv_weight_int8(w, lanes)
-            if intrin == "avx2-vpmaddubsw" and not vpmaddubsw_exact(wp):
+            if intrin.endswith("avx2-vpmaddubsw") and not vpmaddubsw_exact(wp):
                 intrin = "generic"  # saturating int16 pairs would change results
             act, shift = _int8_parts(LayoutPlan(0, intrin, lanes, plan.act_dtype), x_dtype)
             comp = None
@@ -422,7 +425,7 @@ def _make_mutator(plan: LayoutPlan):
             if a_dtype in ("uint8", "int8") and b_dtype == "int8" and out_dtype == "int32":
                 lanes, intrin = plan.int8_lanes, plan.int8_intrin
                 bp = pack_matmul_weight_int8(b, lanes)
-                if intrin == "avx2-vpmaddubsw" and not vpmaddubsw_exact(bp):
+                if intrin.endswith("avx2-vpmaddubsw") and not vpmaddubsw_exact(bp):
                     intrin = "generic"
                 act, shift = _int8_parts(LayoutPlan(0, intrin, lanes, plan.act_dtype), a_dtype)
                 comp = None

@@ -24,9 +24,6 @@ from tvm import s_tir, tirx
 
 from qcompile.layout import INTRIN_ATTR, KERNEL_ATTR, LANES_ATTR
 
-# Force the portable (plain TIR) implementation of every int8 intrinsic: set by tests and
-# by hosts that cannot run the real instruction. Keys: intrinsic family names.
-PORTABLE: set[str] = set()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -211,10 +208,11 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
 def _finish_inner(sch, block, tile_loop, lane_loop, r4_loop, intrin: str, lanes: int,
                   red_loop):
     """Vectorize / tensorize the micro-kernel; split off the accumulator init."""
-    if intrin in ("avx512-vnni", "avx2-vpmaddubsw", "arm-sdot"):
+    base = intrin.removeprefix("portable-")
+    if base in ("avx512-vnni", "avx2-vpmaddubsw", "arm-sdot"):
         from .intrin import get_intrin
 
-        name = get_intrin(intrin, portable=intrin in PORTABLE)
+        name = get_intrin(base, portable=intrin.startswith("portable-"))
         init = sch.decompose_reduction(block, red_loop)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(lane_loop, name)
