@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .build import FORMAT, LIBRARY, MANIFEST, Artifact
+from .build import BACKUP_MARK, FORMAT, LIBRARY, MANIFEST, STAGING_MARK, Artifact
 from .errors import ArtifactError, DeviceError, InputError
 from .frontend import check_feed, sha256_file
 
@@ -22,6 +22,10 @@ def read_artifact(directory: str | os.PathLike) -> Artifact:
     manifest_path = directory / MANIFEST
     if not directory.is_dir():
         raise ArtifactError(f"{directory}: no such artifact directory")
+    name = directory.resolve().name
+    if name.startswith(".") and (STAGING_MARK in name or BACKUP_MARK in name):
+        raise ArtifactError(f"{directory}: a staging directory left by an interrupted "
+                            "compile, not an artifact; delete it and compile again")
     if not manifest_path.is_file():
         raise ArtifactError(f"{directory}: no {MANIFEST}; not a qcompile artifact "
                             "(or an interrupted compile)")

@@ -27,6 +27,10 @@ from .target import TargetSpec, get_target
 MANIFEST = "manifest.json"
 LIBRARY = "lib.so"
 FORMAT = "qcompile-artifact/1"
+# Staging directories of a compile in progress (".NAME.partial-XXXX") and the backup of
+# a replaced artifact (".NAME.old-PID"): never loadable, whatever they hold.
+STAGING_MARK = ".partial-"
+BACKUP_MARK = ".old-"
 
 
 @dataclass
@@ -220,11 +224,19 @@ def write_artifact(executable, imported: ImportedModel, spec: TargetSpec,
     """Export into a temporary sibling directory, then rename it into place."""
     say = say or (lambda msg: None)
     final = Path(output_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}{STAGING_MARK}",
+                                        dir=final.parent))
+    except OSError as exc:
+        raise BuildError(f"cannot create the artifact directory {final}: "
+                         f"{exc.strerror or exc}") from None
     try:
         lib_path = staging / LIBRARY
-        _export(executable, spec, lib_path)
+        try:
+            _export(executable, spec, lib_path)
+        except BuildError as exc:  # name the directory the user asked for, not staging
+            raise BuildError(str(exc).replace(str(staging), str(final))) from exc.__cause__
         extra = {}
         if spec.is_cuda:
             extra["cuda"] = _cuda_ahead_of_time(executable, spec, staging, say)
@@ -252,6 +264,10 @@ def write_artifact(executable, imported: ImportedModel, spec: TargetSpec,
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
         os.chmod(staging, 0o755)  # mkdtemp makes it private; an artifact is shared output
         _replace_dir(staging, final)
+    except OSError as exc:  # disk full, permissions, a vanished directory
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BuildError(f"cannot write the artifact {final}: {exc.strerror or exc}"
+                         ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -264,12 +280,31 @@ def _replace_dir(staging: Path, final: Path) -> None:
         if not (final / MANIFEST).is_file() and any(final.iterdir()):
             raise BuildError(f"{final} exists and is not a qcompile artifact; refusing to "
                              "overwrite it (choose another -o)")
-        backup = final.with_name(f".{final.name}.old-{os.getpid()}")
+        if _exchange(staging, final):  # atomic: `final` is never missing
+            shutil.rmtree(staging, ignore_errors=True)  # now holds the old artifact
+            return
+        backup = final.with_name(f".{final.name}{BACKUP_MARK}{os.getpid()}")
         os.rename(final, backup)
         os.rename(staging, final)
         shutil.rmtree(backup, ignore_errors=True)
     else:
         os.rename(staging, final)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where
+    the system cannot."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+                     rename_exchange) == 0
 
 
 def _json_default(value):

@@ -93,6 +93,7 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
         report.notes.append("timings were taken under emulation: they show that the code "
                             "runs and how float and int8 compare there, never board speed")
     reference = _reference_outputs(onnx_path, feeds, report, say)
+    lost = None  # the DeviceError that ended the run early, raised once the report is out
     try:
         for kind, artifact in artifacts.items():
             say(f"measuring {kind} on {device_label} ...")
@@ -101,7 +102,7 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
                                             options, say)
             except DeviceError as exc:
                 report.notes.append(f"{kind}: not measured: {exc}")
-                say(f"error: {exc}")
+                lost = exc
                 break  # the board is gone; keep what is measured
             if reference is None and kind == "int8" and report.float:
                 section["agreement"] = compare_outputs(report.float.pop("_outputs"),
@@ -119,6 +120,8 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
                 section.pop("_outputs", None)
         report.write(out)
     say(f"wrote {out}/report.json and {out}/report.md")
+    if lost is not None:
+        raise DeviceError(f"{lost} (what was measured before is in {out}/report.json)")
     return report
 
 
