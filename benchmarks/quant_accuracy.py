@@ -67,8 +67,12 @@ def main(argv=None) -> int:
     parser.add_argument("--target", default="x86_64-avx2")
     parser.add_argument("--methods", nargs="+", default=["minmax", "percentile", "entropy", "mse"])
     parser.add_argument("--model", default=str(EXAMPLES / "fashion_mnist_cnn.onnx"))
+    parser.add_argument("--requant-timing", action="store_true",
+                        help="instead: time the float vs fixed-point requantize epilogue")
     args = parser.parse_args(argv)
     os.environ.setdefault("QCOMPILE_NO_PROGRESS", "1")
+    if args.requant_timing:
+        return requant_timing(args)
 
     from qcompile.frontend import import_onnx
     from qcompile.quantize import QuantConfig, load_calibration, quantize_model
@@ -116,6 +120,40 @@ def main(argv=None) -> int:
     for name, acc, agree, seconds, note in rows:
         t = f"{seconds:.1f}" if seconds is not None else ""
         print(f"| {name} | {acc:.2f} | {agree:.2f} | {t} | {note} |")
+    return 0
+
+
+def requant_timing(args) -> int:
+    """Whole-model time of the int8 module with each requantize epilogue."""
+    import tvm
+    from tvm import relax
+
+    from qcompile.frontend import import_onnx
+    from qcompile.pipeline import compile_relax
+    from qcompile.quantize import QuantConfig, load_calibration, quantize_model
+    from qcompile.quantize.realize import realize
+    from qcompile.target import get_target
+
+    spec = get_target(args.target)
+    test = np.load(EXAMPLES / "fashion_mnist_test.npz")
+    print("| batch | requantize | time min (ms) | time median (ms) | top-1 on 400 (%) |")
+    print("| --- | --- | --- | --- | --- |")
+    for batch in (1, 50):
+        imported = import_onnx(args.model, {"input": (batch, 1, 28, 28)})
+        calib = load_calibration(EXAMPLES / "fashion_mnist_calib.npz", imported.inputs)
+        base = quantize_model(imported, calib, QuantConfig(progress=False, sqnr=False), spec)
+        x, labels = test["input"][:400], test["labels"][:400]
+        for mode in ("float", "fixed"):
+            mod, _ = realize(base.float_mod, base.plan, base.qparams, True,
+                             base.summary["weights"]["reduce_range"], requant=mode)
+            vm = relax.VirtualMachine(compile_relax(mod, spec), tvm.cpu())
+            logits = np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + batch])).numpy()
+                                     for i in range(0, len(x), batch)])
+            times = vm.time_evaluator("main", tvm.cpu(), number=20, repeat=5)(
+                tvm.runtime.tensor(x[:batch])).results
+            acc = 100 * np.mean(logits.argmax(1) == labels)
+            print(f"| {batch} | {mode} | {min(times) * 1e3:.3f} | "
+                  f"{np.median(times) * 1e3:.3f} | {acc:.2f} |")
     return 0
 
 

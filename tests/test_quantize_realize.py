@@ -257,3 +257,23 @@ def test_int8_activation_option(tmp_path):
     feeds = random_inputs(model, seed=99, batch=1)
     got = run_vm(vm_for(result.mod), feeds["input"])
     assert _sqnr(run_onnxruntime(model, feeds)[0], got) > 22
+
+
+def test_fixed_point_requantize_matches_float_epilogue(tmp_path):
+    from qcompile.quantize.realize import fixed_point
+
+    m0, shift = fixed_point(np.array([0.3, 1e-4, 0.999]))
+    assert np.all((m0 >= 2 ** 30) & (m0 < 2 ** 31))
+    np.testing.assert_allclose(m0 * np.exp2(-shift.astype(float)), [0.3, 1e-4, 0.999], rtol=1e-9)
+    model = BUILDERS["small_cnn"](0)
+    imported = import_onnx(save_model(model, tmp_path, "small_cnn"))
+    calib = [random_inputs(model, seed=s, batch=1) for s in range(4)]
+    outs = {}
+    for mode in ("float", "fixed"):
+        result = quantize_model(imported, calib, QuantConfig(requant=mode, sqnr=False,
+                                                             progress=False), SPEC)
+        if mode == "fixed":
+            assert "R.right_shift(" in result.mod.script(show_meta=False)
+        outs[mode] = run_vm(vm_for(result.mod), random_inputs(model, seed=5, batch=1)["input"])
+    # rounding differs only on exact .5 ties (half-up vs half-even): outputs agree closely
+    np.testing.assert_allclose(outs["fixed"], outs["float"], atol=0.02, rtol=0)

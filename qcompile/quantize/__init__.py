@@ -58,6 +58,7 @@ class QuantConfig:
                                       # {input: array, "labels": array}; default: calibration data
     dynamic: bool = False             # matmul activations quantized at run time (not yet)
     bias_correction: bool = False     # (not yet)
+    requant: str = "float"            # float (float32 multiply, default) | fixed (int64 m0 >> n)
     sqnr: bool = True                 # per-layer SQNR vs float in the summary
     sqnr_samples: int = 64            # calibration samples used for SQNR
     calib_limit: int | None = None    # use at most this many calibration samples
@@ -73,6 +74,8 @@ class QuantConfig:
             raise InputError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise InputError("--max-accuracy-drop must be >= 0")
+        if self.requant not in ("float", "fixed"):
+            raise InputError(f"requantize mode must be float or fixed, got '{self.requant}'")
         bad = [o for o in self.ops if o not in ("conv2d", "matmul")]
         if bad:
             raise InputError(f"cannot quantize ops {bad}; supported: conv2d, matmul")
@@ -178,7 +181,7 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         ranges = {var: obs.compute_range() for var, obs in observers.items()}
         qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
     qmod, records = realize(float_mod, plan, qparams, config.per_channel, reduce_range,
-                            weight_override=override, fake_quant=qdq)
+                            weight_override=override, fake_quant=qdq, requant=config.requant)
 
     weight_bits = sorted({r["weight"]["bits"] for r in records}) or [7 if reduce_range else 8]
     summary = {
@@ -191,7 +194,9 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         "activations": {"dtype": config.act_dtype if not qdq else
                         sorted({p.dtype for p in qparams.values()}),
                         "symmetric": config.act_dtype == "int8" if not qdq else None},
-        "requantize": "float32 multiply + round-half-even, fused into the conv/matmul epilogue",
+        "requantize": ("float32 multiply + round-half-even" if config.requant == "float" else
+                       "int64 fixed-point multiply + rounding right shift")
+        + ", fused into the conv/matmul epilogue",
         "calibration": ({"source": getattr(data, "source", "calibration data"),
                          "batches": len(data),
                          "samples": int(sum(len(next(iter(b.values()))) for b in data))}
@@ -234,7 +239,8 @@ def _add_sqnr(result, spec, kept, inputs, config) -> None:
                                   for _f, valid, a in kept]) for i in range(len(extra) + 1)]
     int8_mod, _ = realize(result.float_mod, result.plan, result.qparams,
                           config.per_channel, result.summary["weights"]["reduce_range"],
-                          extra_outputs=extra, weight_override=result.weight_override)
+                          extra_outputs=extra, weight_override=result.weight_override,
+                          requant=config.requant)
     int8_outs = collect_outputs(int8_mod, spec, feeds, inputs, config.progress, "SQNR")
     int8_outs = [np.asarray(o)[:len(f)] for o, f in zip(int8_outs, float_outs)]
     values = layer_sqnr(float_outs[1:], int8_outs[1:])

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="evaluation data for --max-accuracy-drop: an .npz with the model "
                             "inputs and optionally 'labels' (default: the calibration data, "
                             "measuring top-1 agreement with float)")
+    group.add_argument("--requant", choices=("float", "fixed"), default="float",
+                       help="requantize epilogue: float32 multiply (default, faster on x86) or "
+                            "int64 fixed-point multiply + shift")
     group.add_argument("--calib-limit", type=int, default=None, metavar="N",
                        help="use at most N calibration samples")
     group.add_argument("--no-sqnr", action="store_true",
@@ -70,6 +73,7 @@ def config_from_args(args: argparse.Namespace, spec=None):
         skip=tuple(getattr(args, "skip", None) or ()),
         max_accuracy_drop=getattr(args, "max_accuracy_drop", None),
         eval_data=getattr(args, "accuracy_data", None),
+        requant=getattr(args, "requant", "float"),
         dynamic=getattr(args, "dynamic", False),
         bias_correction=getattr(args, "bias_correction", False),
         sqnr=not getattr(args, "no_sqnr", False),

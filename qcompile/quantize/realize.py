@@ -22,13 +22,18 @@ float model sees 0. Weights are symmetric per output channel (or per tensor),
 7-bit ([-63, 63]) with ``reduce_range`` (AVX2's vpmaddubsw sums two u8 x s8
 products in saturating int16: 2 * 255 * 127 overflows, 2 * 255 * 63 does not).
 
-Requantization uses a float32 multiply + round-half-to-even rather than a
-fixed-point multiplier + shift: measured on the bundled model's fused kernels
-on this x86 machine the float epilogue is as fast or faster (x86 has no cheap
-vectorized int64 multiply for the fixed-point form), it is exactly what the
-quantized model means (``quantize(dequantize(acc))``), and float32 holds int32
-accumulators up to 2^24 exactly -- beyond that the relative error is 2^-24,
-far below one output step. See ``benchmarks/quant_accuracy.py`` for numbers.
+Requantization uses a float32 multiply + round-half-to-even by default, not a
+fixed-point multiplier + shift (``requant="fixed"``: int64 ``acc * m0`` plus
+rounding, arithmetic right shift). Measured on the bundled Fashion-MNIST CNN,
+x86_64-avx2 target, whole-model time from ``vm.time_evaluator`` (min of 5x20
+runs, shared 2-core machine; ``benchmarks/quant_accuracy.py --requant-timing``):
+two runs: batch 1: float 0.105 / 0.107 ms vs fixed 0.149 / 0.108 ms; batch 50:
+float 4.46 / 8.98 ms vs fixed 8.41 / 11.85 ms; the same top-1 on the images run.
+AVX2 has no vectorized 64-bit multiply, so the int64 epilogue costs more than
+the float one; float32 holds
+int32 accumulators up to 2^24 exactly, and beyond that its relative error
+(2^-24) is far below one output step. The fixed-point form stays available
+for targets where bit-exact agreement across platforms matters more.
 
 Ops on the path between two quantized layers that commute with a monotone
 per-tensor quantization (max-pool, reshape, permute, squeeze, expand_dims)
@@ -100,6 +105,8 @@ def quantize_weight(weight: np.ndarray, axis: int, per_channel: bool = True,
 def _prim(value: float, dtype: str = "float32"):
     from tvm import relax
 
+    if dtype.startswith("int"):
+        return relax.prim_value(int(value), dtype)
     return relax.prim_value(float(value), dtype)
 
 
@@ -124,6 +131,34 @@ def emit_dequantize(bb, q, p: QParams, name: str = ""):
     return bb.emit(relax.op.multiply(y, _ir.const(np.float32(p.scale))), name_hint=name)
 
 
+def fixed_point(multiplier: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``multiplier ~= m0 * 2**-shift`` with int64 ``m0`` in [2^30, 2^31) per channel."""
+    multiplier = np.asarray(multiplier, np.float64)
+    exp = np.floor(np.log2(multiplier)).astype(np.int64)
+    m0 = np.round(multiplier * np.exp2(30 - exp)).astype(np.int64)
+    over = m0 >= (1 << 31)
+    m0 = np.where(over, m0 // 2, m0)
+    exp = np.where(over, exp + 1, exp)
+    shift = 30 - exp
+    if np.any(shift < 1) or np.any(shift > 62):
+        raise ValueError("requantize multiplier out of the fixed-point range")
+    return m0, shift
+
+
+def emit_requant_fixed(bb, acc, multiplier, bshape, zero_point, lo, hi):
+    """(acc * m0 + 2^(shift-1)) >> shift + zp, clipped -- int64 fixed point, per channel."""
+    from tvm import relax
+
+    m0, shift = fixed_point(multiplier)
+    y = bb.emit(relax.op.astype(acc, "int64"))
+    y = bb.emit(relax.op.multiply(y, _ir.const(m0.reshape(bshape), "int64")))
+    y = bb.emit(relax.op.add(y, _ir.const((np.int64(1) << (shift - 1)).reshape(bshape), "int64")))
+    y = bb.emit(relax.op.right_shift(y, _ir.const(shift.reshape(bshape), "int64")))
+    if zero_point:
+        y = bb.emit(relax.op.add(y, _ir.const(np.int64(zero_point), "int64")))
+    return bb.emit(relax.op.clip(y, _prim(lo, "int64"), _prim(hi, "int64")))
+
+
 def output_clip(p: QParams, activation) -> tuple[int, int]:
     """The integer clip range implementing ``activation`` on the quantized output."""
     lo, hi = p.qmin, p.qmax
@@ -137,7 +172,8 @@ def output_clip(p: QParams, activation) -> tuple[int, int]:
 
 
 def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bool = False,
-            extra_outputs=(), weight_override=None, fake_quant: bool = False):
+            extra_outputs=(), weight_override=None, fake_quant: bool = False,
+            requant: str = "float"):
     """The integer module for ``plan`` with activation ``qparams`` ({root var: QParams}).
 
     Returns ``(module, records)``: one summary dict per quantized layer.
@@ -233,8 +269,9 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         bias_q = np.clip(bias_q, INT32_MIN, INT32_MAX)
         if np.any(bias_q != 0):
             acc = bb.emit(relax.op.add(acc, _ir.const(bias_q.reshape(bshape), "int32")))
-        accf = bb.emit(relax.op.astype(acc, "float32"))
         out = layer.out_var
+        accf = None if (out in roots and requant == "fixed") else \
+            bb.emit(relax.op.astype(acc, "float32"))
         record = {"name": layer.name, "op": layer.onnx_op, "kind": layer.kind, "int8": True,
                   "input": {"tensor": layer.root.name, **p_in.to_dict()},
                   "weight": {"bits": int(np.abs(q_w).max()).bit_length() + 1,
@@ -245,12 +282,17 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
                   "groups": int(layer.call.attrs.groups) if layer.kind == "conv2d" else 1}
         if out in roots:
             p_out = qparams[out]
-            mult = (acc_scale / p_out.scale).astype(np.float32)
-            y = bb.emit(relax.op.round(relax.op.multiply(accf, _ir.const(mult.reshape(bshape)))))
-            if p_out.zero_point:
-                y = bb.emit(relax.op.add(y, _ir.const(np.float32(p_out.zero_point))))
             lo, hi = output_clip(p_out, layer.activation)
-            y = bb.emit(relax.op.clip(y, _prim(lo), _prim(hi)))
+            if requant == "fixed":
+                y = emit_requant_fixed(bb, acc, acc_scale / p_out.scale, bshape,
+                                       p_out.zero_point, lo, hi)
+            else:
+                mult = (acc_scale / p_out.scale).astype(np.float32)
+                y = bb.emit(relax.op.round(relax.op.multiply(accf,
+                                                             _ir.const(mult.reshape(bshape)))))
+                if p_out.zero_point:
+                    y = bb.emit(relax.op.add(y, _ir.const(np.float32(p_out.zero_point))))
+                y = bb.emit(relax.op.clip(y, _prim(lo), _prim(hi)))
             qt[out] = (bb.emit(relax.op.astype(y, p_out.dtype), name_hint=f"{out.name}_q"), p_out)
             record["output"] = {"tensor": out.name, **p_out.to_dict(), "requantized": True}
         else:
