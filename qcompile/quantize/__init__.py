@@ -18,7 +18,9 @@ raises :class:`~qcompile.errors.InputError` asking for ``--calib``. The
 exception is a QDQ model (QuantizeLinear/DequantizeLinear, e.g. from ONNX
 Runtime's ``quantize_static``): it brings its own scales, is compiled to the
 same integer kernels without calibration, and ``calib`` (optional) only
-feeds the per-layer SQNR report.
+feeds the per-layer SQNR report. ``QuantConfig(dynamic=True)`` (matmul layers,
+activation scales from each batch's min/max at run time) needs no calibration
+either.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class QuantConfig:
     max_accuracy_drop: float | None = None  # points of top-1; None: no fallback search
     eval_data: object = None          # .npz path (input arrays + optional "labels") or batches
                                       # {input: array, "labels": array}; default: calibration data
-    dynamic: bool = False             # matmul activations quantized at run time (not yet)
+    dynamic: bool = False             # matmul only, activation scales at run time, no calib
     bias_correction: bool = False     # (not yet)
     requant: str = "float"            # float (float32 multiply, default) | fixed (int64 m0 >> n)
     sqnr: bool = True                 # per-layer SQNR vs float in the summary
@@ -146,8 +148,7 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
     config.validate()
     spec = get_target(spec)
     if config.dynamic:
-        raise InputError("--dynamic (run-time activation scales) is not implemented yet; "
-                         "use static quantization with --calib")
+        return _quantize_dynamic(imported, calib, config, spec)
     reduce_range = spec.reduce_range if config.reduce_range is None else bool(config.reduce_range)
     started = time.perf_counter()
     qdq = has_qdq(imported.mod)
@@ -253,6 +254,58 @@ def _add_sqnr(result, spec, kept, inputs, config) -> None:
     if f_out.ndim == 2:
         result.summary["calib_top1_agreement"] = float(
             np.mean(f_out.argmax(axis=1) == q_out.argmax(axis=1)))
+
+
+def _quantize_dynamic(imported, calib, config, spec) -> QuantResult:
+    """Dynamic quantization: matmul layers with run-time activation scales; no calibration.
+
+    ``calib`` is optional: when given, it only feeds the output SQNR in the summary.
+    """
+    from ..target import get_target
+    from .realize import realize_dynamic
+    from .sensitivity import collect_outputs, layer_sqnr, output_array
+
+    spec = get_target(spec)
+    started = time.perf_counter()
+    reduce_range = spec.reduce_range if config.reduce_range is None else bool(config.reduce_range)
+    float_mod = prepare(imported.mod)
+    plan = build_plan(float_mod, getattr(imported, "onnx_model", None), skip=config.skip,
+                      ops=("matmul",))
+    for layer in plan.layers:
+        if layer.quantize is False and layer.kind == "conv2d" and "not selected" in layer.reason:
+            layer.reason = "dynamic quantization covers matmul only"
+    qmod, records = realize_dynamic(float_mod, plan, config.per_channel, reduce_range)
+    by_name = {r["name"]: r for r in records}
+    layers = [by_name.get(l.name) or {"name": l.name, "op": l.onnx_op, "kind": l.kind,
+                                      "int8": False, "reason": l.reason}
+              for l in plan.layers]
+    summary = {
+        "method": "dynamic",
+        "weights": {"dtype": "int8", "symmetric": True, "per_channel": config.per_channel,
+                    "bits": 7 if reduce_range else 8, "reduce_range": reduce_range},
+        "activations": {"dtype": "uint8", "symmetric": False,
+                        "scales": "per tensor, from each batch's min/max at run time"},
+        "requantize": "none: int32 accumulators dequantized to float after each matmul",
+        "calibration": None, "target": spec.name, "tensors": {}, "layers": layers,
+    }
+    result = QuantResult(mod=qmod, summary=summary, float_mod=float_mod, plan=plan)
+    if calib is not None and config.sqnr and records:
+        data = _materialize(calib, imported.inputs, config.calib_limit)
+        subset, count = [], 0
+        for batch in data:
+            subset.append(batch)
+            count += len(next(iter(batch.values())))
+            if count >= config.sqnr_samples:
+                break
+        subset = CalibrationData(subset, data.source)
+        ref = output_array(collect_outputs(observe_module(float_mod, []), spec, subset,
+                                           imported.inputs, config.progress, "SQNR (float)")[0])
+        got = output_array(collect_outputs(observe_module(qmod, []), spec, subset,
+                                           imported.inputs, config.progress, "SQNR (int8)")[0])
+        summary["output_sqnr_db"] = layer_sqnr([ref], [got])[0]
+        summary["sqnr_samples"] = int(len(ref))
+    _finish_summary(result, started)
+    return result
 
 
 def _add_qdq_sqnr(result, imported, spec, data, config) -> None:

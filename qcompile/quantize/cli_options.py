@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-sqnr", action="store_true",
                        help="skip the per-layer SQNR measurement in the summary")
     group.add_argument("--dynamic", action="store_true",
-                       help="dynamic quantization of matmul activations (not implemented yet)")
+                       help="dynamic quantization: matmul/Gemm layers with activation scales "
+                            "computed at run time (no --calib needed); convolutions stay float")
     group.add_argument("--bias-correction", action="store_true",
                        help="correct the per-channel mean shift of quantized weights "
                             "(not implemented yet)")

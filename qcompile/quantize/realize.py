@@ -314,3 +314,72 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         return relax.Tuple([new_ret] + [get_float(bb, v) for v in extra_outputs])
 
     return _ir.rewrite_main(mod, visit, finish, start), records
+
+
+def realize_dynamic(mod, plan, per_channel: bool = True, reduce_range: bool = False):
+    """Dynamic quantization of the planned matmul layers: no calibration.
+
+    Each quantized matmul's input gets its uint8 scale and zero point at run
+    time from its own min and max (0 always included)::
+
+        lo, hi = min(min(x), 0), max(max(x), 0);  s = (hi - lo) / 255
+        zp = clip(round(-lo / s), 0, 255);        q = clip(round(x / s) + zp, 0, 255)
+        acc = matmul(q, q_W, out_dtype="int32") - zp * colsum(q_W)
+        y = acc * (s * s_w) + bias   [relu / clip]      (float output)
+
+    Convolutions and everything else stay float. Returns ``(module, records)``.
+    """
+    from tvm import relax
+
+    layers = {l.anchor: l for l in plan.quantized() if l.kind == "matmul"}
+    absorbed = {v for l in layers.values() for v in (l.bias_var, l.act_var) if v is not None}
+    records = []
+
+    def scalar(value):
+        return _ir.const(np.float32(value))
+
+    def visit(bb, binding, remap):
+        var = binding.var
+        if var in absorbed:
+            return
+        layer = layers.get(var)
+        if layer is None:
+            _ir.copy_binding(bb, binding, remap)
+            return
+        x = _ir.substitute(layer.input_var, remap)
+        lo = bb.emit(relax.op.minimum(relax.op.min(x), scalar(0.0)))
+        hi = bb.emit(relax.op.maximum(relax.op.max(x), scalar(0.0)))
+        s = bb.emit(relax.op.maximum(relax.op.divide(relax.op.subtract(hi, lo), scalar(255.0)),
+                                     scalar(1e-12)))
+        zp = bb.emit(relax.op.clip(relax.op.round(relax.op.divide(relax.op.negative(lo), s)),
+                                   _prim(0), _prim(255)))
+        q = bb.emit(relax.op.round(relax.op.divide(x, s)))
+        q = bb.emit(relax.op.clip(relax.op.add(q, zp), _prim(0), _prim(255)))
+        q = bb.emit(relax.op.astype(q, "uint8"), name_hint=f"{var.name}_dynq")
+        q_w, s_w = quantize_weight(layer.weight, 1, per_channel, reduce_range)
+        acc = bb.emit(relax.op.matmul(q, _ir.const(q_w, "int8"), out_dtype="int32"),
+                      name_hint=f"{var.name}_acc")
+        colsum = q_w.astype(np.int64).sum(axis=0).astype(np.int32)
+        acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(relax.op.astype(zp, "int32"),
+                                                               _ir.const(colsum, "int32"))))
+        y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"),
+                                      relax.op.multiply(s, _ir.const(s_w.astype(np.float32)))))
+        if layer.bias is not None:
+            y = bb.emit(relax.op.add(y, _ir.const(layer.bias.astype(np.float32))))
+        if layer.activation is not None and layer.activation[0] == "relu":
+            y = bb.emit(relax.op.nn.relu(y))
+        elif layer.activation is not None:
+            y = bb.emit(relax.op.clip(y, _prim(layer.activation[1]), _prim(layer.activation[2])))
+        remap[layer.out_var] = y
+        records.append({"name": layer.name, "op": layer.onnx_op, "kind": "matmul", "int8": True,
+                        "dynamic": True,
+                        "input": {"tensor": layer.input_var.name, "dtype": "uint8",
+                                  "scale": "run time", "zero_point": "run time"},
+                        "weight": {"bits": int(np.abs(q_w).max()).bit_length() + 1,
+                                   "from_model": False, "per_channel": per_channel,
+                                   "scale": [float(v) for v in s_w]},
+                        "activation": layer.activation[0] if layer.activation else None,
+                        "output": {"tensor": layer.out_var.name, "dtype": "float32",
+                                   "requantized": False}})
+
+    return _ir.rewrite_main(mod, visit), records
