@@ -116,18 +116,29 @@ def _same_write_shape(sch, a, b) -> bool:
     return dom(a) == dom(b)
 
 
+def _vec_factor(extent: int, width: int) -> int:
+    """Lanes for a loop of ``extent``: all of it when short, else a divisor <= width."""
+    if extent <= width:
+        return extent
+    for d in range(width, max(2, width // 4) - 1, -1):
+        if extent % d == 0:
+            return d
+    return 0
+
+
 def _vector_split(sch, loop, width: int):
     ext = _extent(sch, loop)
     if ext is None or ext <= 1:
         return None
-    if ext <= width:
+    f = _vec_factor(ext, width)
+    if f == 0:
+        return None
+    if f == ext:
         sch.vectorize(loop)
         return loop
-    if ext % width == 0:
-        _, inner = sch.split(loop, [None, width])
-        sch.vectorize(inner)
-        return inner
-    return None
+    _, inner = sch.split(loop, [None, f])
+    sch.vectorize(inner)
+    return inner
 
 
 def _schedule_spatial(sch, block, width: int, min_parallel: int = 2048):
@@ -150,22 +161,48 @@ def _schedule_spatial(sch, block, width: int, min_parallel: int = 2048):
 
 
 def _schedule_reduction_generic(sch, block, width: int):
-    """Parallelize the leading data-parallel loops of a reduction nest."""
+    """Parallelize the leading data-parallel loops of a reduction nest; for short
+    reductions (pooling windows) also vectorize the innermost data-parallel loop,
+    moved inside the reduction loops."""
     loops = sch.get_loops(block)
     ivs = sch.get(block).iter_vars
     if len(loops) != len(ivs):
         return
-    lead = []
+    lead, red = [], []
     for lp, iv in zip(loops, ivs):
-        if int(iv.iter_type) != 0:
-            break
-        lead.append(lp)
-    if lead and len(lead) < len(loops):
-        exts = [_extent(sch, lp) for lp in lead]
-        if None in exts:
+        if int(iv.iter_type) == 0 and not red:
+            lead.append(lp)
+        elif int(iv.iter_type) == 2:
+            red.append(lp)
+        else:
             return
-        fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-        sch.parallel(fused)
+    if not lead or not red:
+        return
+    exts = [_extent(sch, lp) for lp in loops]
+    if None in exts:
+        return
+    red_ext = 1
+    for lp in red:
+        red_ext *= _extent(sch, lp)
+    inner_ext = _extent(sch, lead[-1])
+    f = _vec_factor(inner_ext, width) if red_ext <= 64 and len(lead) >= 2 else 0
+    if f >= 2:
+        if f == inner_ext:
+            outer_sp, vec = lead[:-1], lead[-1]
+            sch.reorder(*red, vec)
+        else:
+            o, vec = sch.split(lead[-1], [None, f])
+            outer_sp = lead[:-1] + [o]
+            sch.reorder(o, *red, vec)
+        par = outer_sp[:-1] if len(outer_sp) > 1 and f != inner_ext else outer_sp
+        sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
+        sch.vectorize(vec)
+        for lp in red:
+            sch.unroll(lp)
+        init = sch.decompose_reduction(block, red[0])
+        sch.vectorize(sch.get_loops(init)[-1])
+        return
+    sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
 
 
 # --------------------------------------------------------------------------- packed kernels
