@@ -270,15 +270,24 @@ def minilm():
     bert = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
 
     class Wrapper(torch.nn.Module):
+        """BertModel's forward with a plain additive attention mask.
+
+        transformers 5 builds the mask with ConstantOfShape/And/Expand on rank-0
+        shapes, which TVM 0.27's ONNX importer rejects ("broadcast_to expects the
+        input shape to have the number of ndim at least as the input tensor's");
+        (1 - mask) * -10000 added to the scores is the classic BERT mask and gives
+        the same softmax (exp(-1e4) == 0 in float32)."""
+
         def __init__(self, m):
             super().__init__()
             self.m = m
 
         def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask,
-                          token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+            h = self.m.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+            ext = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * -10000.0
+            return self.m.encoder(h, attention_mask=ext)[0]
 
-    return Wrapper(bert).eval(), tok, path
+    return Wrapper(bert).eval(), bert, tok, path
 
 
 # --------------------------------------------------------------------------- export + check
@@ -367,7 +376,7 @@ def main(argv=None) -> int:
             print(f"  {pname:22s} top-3 classes {top.tolist()} p={[round(float(p[t]), 3) for t in top]}")
 
     # ---- MiniLM
-    model, tok, mpath = minilm()
+    model, bert, tok, mpath = minilm()
     enc = {}
     for split, sents in [("calib", CALIB_SENTENCES), ("eval", EVAL_SENTENCES)]:
         t = tok(sents, padding="max_length", max_length=SEQ, truncation=True, return_tensors="np")
@@ -383,7 +392,12 @@ def main(argv=None) -> int:
         ref = np.concatenate([model(torch.from_numpy(ids[i:i + 1]),
                                     torch.from_numpy(mask[i:i + 1])).numpy()
                               for i in range(len(ids))])
-    print(f"\nminilm: weights {mpath}\n  exported {onnx_path} "
+    with torch.no_grad():
+        hf = np.concatenate([bert(input_ids=torch.from_numpy(ids[i:i + 1]),
+                                  attention_mask=torch.from_numpy(mask[i:i + 1])
+                                  ).last_hidden_state.numpy() for i in range(len(ids))])
+    print(f"\nminilm: max |wrapper - transformers BertModel| = {np.abs(ref - hf).max():.3g}")
+    print(f"minilm: weights {mpath}\n  exported {onnx_path} "
           f"({onnx_path.stat().st_size / 1e6:.1f} MB), inputs int64 [1, {SEQ}]")
     if not args.skip_check:
         got, how = run_onnx(onnx_path, [{"input_ids": ids[i:i + 1],
