@@ -95,13 +95,16 @@ def main(argv=None) -> int:
     add("float (ONNX Runtime)", float_ref, float_ref)
     imported = import_onnx(args.model)
     add("float (qcompile)", tvm_logits(imported.mod, spec, x), float_ref)
-    for method in args.methods:
+    variants = [(m, True) for m in args.methods] + [("minmax", False)]
+    for method, bias_correction in variants:
         started = time.perf_counter()
         calib = load_calibration(EXAMPLES / "fashion_mnist_calib.npz", imported.inputs)
-        result = quantize_model(imported, calib, QuantConfig(method=method, progress=False), spec)
+        config = QuantConfig(method=method, bias_correction=bias_correction, progress=False)
+        result = quantize_model(imported, calib, config, spec)
         seconds = time.perf_counter() - started
         bits = result.summary["weights"]["bits"]
-        add(f"qcompile int8, {method}", tvm_logits(result.mod, spec, x), float_ref, seconds,
+        label = f"qcompile int8, {method}" + ("" if bias_correction else ", no bias correction")
+        add(label, tvm_logits(result.mod, spec, x), float_ref, seconds,
             f"per-channel {bits}-bit weights, uint8 activations")
     with tempfile.TemporaryDirectory() as tmp:
         for reduce_range in (False, True):

@@ -163,8 +163,10 @@ def test_cli_options_round_trip():
     assert (config.method, config.percentile, config.skip, config.per_channel,
             config.act_dtype, config.reduce_range) == \
         ("percentile", 99.9, ("/0/Conv", "Gemm"), False, "int8", True)
-    config = config_from_args(parser.parse_args(["--no-reduce-range"]), SPEC)
-    assert config.reduce_range is False
+    assert config.bias_correction is True
+    config = config_from_args(parser.parse_args(["--no-reduce-range", "--no-bias-correction"]),
+                              SPEC)
+    assert config.reduce_range is False and config.bias_correction is False
     assert config_from_args(parser.parse_args([]), get_target("x86_64-avx512-vnni")) \
         .reduce_range is False
 

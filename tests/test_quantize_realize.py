@@ -277,3 +277,26 @@ def test_fixed_point_requantize_matches_float_epilogue(tmp_path):
         outs[mode] = run_vm(vm_for(result.mod), random_inputs(model, seed=5, batch=1)["input"])
     # rounding differs only on exact .5 ties (half-up vs half-even): outputs agree closely
     np.testing.assert_allclose(outs["fixed"], outs["float"], atol=0.02, rtol=0)
+
+
+def test_bias_correction_removes_mean_output_shift(tmp_path):
+    """small_cnn's 3x3 depthwise weights (9 per channel) round coarsely: the mean
+    output shift that causes is removed by bias correction."""
+    import tvm
+    from tvm import relax
+
+    model = BUILDERS["small_cnn"](0)
+    imported = import_onnx(save_model(model, tmp_path, "small_cnn"))
+    calib = [random_inputs(model, seed=s, batch=1) for s in range(16)]
+    tests = [random_inputs(model, seed=100 + s, batch=1) for s in range(16)]
+    ref = np.concatenate([run_onnxruntime(model, f)[0] for f in tests])
+    sqnr = {}
+    for bc in (False, True):
+        result = quantize_model(imported, calib, QuantConfig(bias_correction=bc, sqnr=False,
+                                                             progress=False), SPEC)
+        assert result.summary["bias_correction"] is bc
+        vm = relax.VirtualMachine(compile_relax(result.mod, SPEC), tvm.cpu())
+        got = np.concatenate([vm["main"](tvm.runtime.tensor(f["input"])).numpy()
+                              for f in tests])
+        sqnr[bc] = _sqnr(ref, got)
+    assert sqnr[True] > sqnr[False] + 3, sqnr

@@ -59,7 +59,10 @@ class QuantConfig:
     eval_data: object = None          # .npz path (input arrays + optional "labels") or batches
                                       # {input: array, "labels": array}; default: calibration data
     dynamic: bool = False             # matmul only, activation scales at run time, no calib
-    bias_correction: bool = False     # (not yet)
+    # subtract (weight rounding error) x E[input] from each bias. Measured (int8 vs float
+    # output SQNR): builder small_cnn 28.9 -> 37.5 dB, depthwise 32.7 -> 33.3 dB; bundled
+    # CNN 38.1 -> 37.9 dB (7-bit), 42.4 -> 42.6 dB (8-bit), top-1 89.75 -> 89.70 %. On.
+    bias_correction: bool = True
     requant: str = "float"            # float (float32 multiply, default) | fixed (int64 m0 >> n)
     sqnr: bool = True                 # per-layer SQNR vs float in the summary
     sqnr_samples: int = 64            # calibration samples used for SQNR
@@ -174,11 +177,16 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         float_mod = prepare(imported.mod)
         plan = build_plan(float_mod, onnx_model, skip=config.skip, ops=config.ops)
         extra = [l.out_var for l in plan.quantized()] if config.sqnr else []
+        means = ({l.input_var: (1 if l.kind == "conv2d" else -1) for l in plan.quantized()}
+                 if config.bias_correction else None)
         observers, kept = calibrate(float_mod, plan, spec, data, imported.inputs,
                                     lambda: make_observer(config.method, config.percentile,
                                                           config.act_dtype),
                                     progress=config.progress, extra=extra,
-                                    keep_samples=config.sqnr_samples if config.sqnr else 0)
+                                    keep_samples=config.sqnr_samples if config.sqnr else 0,
+                                    channel_means=means)
+        if config.bias_correction:
+            correct_biases(plan, observers.pop("means"), config.per_channel, reduce_range)
         ranges = {var: obs.compute_range() for var, obs in observers.items()}
         qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
     qmod, records = realize(float_mod, plan, qparams, config.per_channel, reduce_range,
@@ -195,6 +203,7 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         "activations": {"dtype": config.act_dtype if not qdq else
                         sorted({p.dtype for p in qparams.values()}),
                         "symmetric": config.act_dtype == "int8" if not qdq else None},
+        "bias_correction": bool(config.bias_correction and not qdq),
         "requantize": ("float32 multiply + round-half-even" if config.requant == "float" else
                        "int64 fixed-point multiply + rounding right shift")
         + ", fused into the conv/matmul epilogue",
@@ -306,6 +315,40 @@ def _quantize_dynamic(imported, calib, config, spec) -> QuantResult:
         summary["sqnr_samples"] = int(len(ref))
     _finish_summary(result, started)
     return result
+
+
+def correct_biases(plan, means: dict, per_channel: bool, reduce_range: bool) -> None:
+    """Bias correction: remove the expected output shift caused by weight rounding.
+
+    With ``dW = dequantize(quantize(W)) - W`` and the per-channel mean ``E[x]`` of
+    the layer input over the calibration data, the int8 layer's output is off by
+    ``dW . E[x]`` on average (per output channel); that is subtracted from the
+    bias (conv: summed over the kernel window and the channels of the group).
+    """
+    from .realize import quantize_weight
+
+    for layer in plan.quantized():
+        mean = means.get(layer.input_var)
+        if mean is None:
+            continue
+        axis = 0 if layer.kind == "conv2d" else 1
+        q_w, s_w = quantize_weight(layer.weight, axis, per_channel, reduce_range)
+        shape = [1] * layer.weight.ndim
+        shape[axis] = len(s_w)
+        delta = q_w.astype(np.float64) * s_w.reshape(shape) - layer.weight.astype(np.float64)
+        if layer.kind == "conv2d":
+            out_c, in_per_group = delta.shape[:2]
+            groups = int(layer.call.attrs.groups)
+            per_out = out_c // groups
+            shift = np.zeros(out_c)
+            for o in range(out_c):
+                g = o // per_out
+                m = mean[g * in_per_group:(g + 1) * in_per_group]
+                shift[o] = np.sum(delta[o].sum(axis=(1, 2)) * m)
+        else:
+            shift = mean @ delta  # [K] x [K, N]
+        base = layer.bias if layer.bias is not None else np.zeros(len(s_w))
+        layer.bias = base - shift
 
 
 def _add_qdq_sqnr(result, imported, spec, data, config) -> None:

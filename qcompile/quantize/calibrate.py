@@ -274,27 +274,41 @@ def _to_numpy(value):
 
 
 def calibrate(mod, plan, spec, calib, inputs, observer_factory, progress=None, extra=(),
-              keep_samples: int = 0):
+              keep_samples: int = 0, channel_means=None):
     """Observe every root of ``plan`` over ``calib``; returns ``(observers, kept)``.
 
     ``observers`` maps each root var to its observer. The same run also
     returns the float values of ``extra`` (vars) for the first
     ``keep_samples`` samples: ``kept`` is a list of ``(feed, valid, arrays)``
     with ``arrays = [model output, *extra]`` -- the float reference for
-    per-layer SQNR, without a second float run.
+    per-layer SQNR, without a second float run. ``channel_means`` ({var:
+    channel axis}) asks for per-channel means of those vars over all batches;
+    they are returned as ``observers["means"]`` ({var: [C] array}).
     """
     observers = {var: observer_factory() for var in plan.roots}
     roots = list(plan.roots)
+    mean_vars = list(channel_means or {})
+    sums = {var: None for var in mean_vars}
+    counts = {var: 0 for var in mean_vars}
     kept = []
     state = {"samples": 0}
+    first_mean = 1 + len(roots) + len(extra)
 
     def on_batch(arrays, valid, feed):
         for var, array in zip(roots, arrays[1:1 + len(roots)]):
             observers[var].update(array)
+        for var, array in zip(mean_vars, arrays[first_mean:]):
+            axis = channel_means[var] % array.ndim
+            moved = np.moveaxis(np.asarray(array, np.float64), axis, -1)
+            flat = moved.reshape(-1, moved.shape[-1])
+            sums[var] = flat.sum(axis=0) + (0 if sums[var] is None else sums[var])
+            counts[var] += flat.shape[0]
         if state["samples"] < keep_samples:
-            kept.append((feed, valid, [arrays[0], *arrays[1 + len(roots):]]))
+            kept.append((feed, valid, [arrays[0], *arrays[1 + len(roots):first_mean]]))
             state["samples"] += valid
 
-    run_module(observe_module(mod, roots + list(extra)), spec, calib, inputs, on_batch, progress,
-               "calibrating")
+    run_module(observe_module(mod, roots + list(extra) + mean_vars), spec, calib, inputs,
+               on_batch, progress, "calibrating")
+    if mean_vars:
+        observers["means"] = {v: sums[v] / max(counts[v], 1) for v in mean_vars}
     return observers, kept

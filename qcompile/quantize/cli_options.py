@@ -51,9 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dynamic", action="store_true",
                        help="dynamic quantization: matmul/Gemm layers with activation scales "
                             "computed at run time (no --calib needed); convolutions stay float")
-    group.add_argument("--bias-correction", action="store_true",
-                       help="correct the per-channel mean shift of quantized weights "
-                            "(not implemented yet)")
+    bc = group.add_mutually_exclusive_group()
+    bc.add_argument("--bias-correction", dest="bias_correction", action="store_true",
+                    default=True,
+                    help="subtract the mean output shift caused by weight rounding (weight "
+                         "error x per-channel input mean) from each bias (default: on)")
+    bc.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
+                    help="keep the model's biases as they are")
     group.add_argument("--no-progress", action="store_true",
                        help="no progress bar over calibration batches")
 
@@ -76,7 +80,7 @@ def config_from_args(args: argparse.Namespace, spec=None):
         eval_data=getattr(args, "accuracy_data", None),
         requant=getattr(args, "requant", "float"),
         dynamic=getattr(args, "dynamic", False),
-        bias_correction=getattr(args, "bias_correction", False),
+        bias_correction=getattr(args, "bias_correction", True),
         sqnr=not getattr(args, "no_sqnr", False),
         calib_limit=getattr(args, "calib_limit", None),
         progress=False if getattr(args, "no_progress", False) else None,
