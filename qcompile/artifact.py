@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +104,21 @@ _DTYPES = {"float32", "float16", "float64", "bfloat16", "int8", "uint8", "int16"
 
 
 class Runner:
-    """A loaded artifact, runnable on a device (local, or a remote RPC device)."""
+    """A loaded artifact, runnable on a device (local, or a remote RPC device).
+
+    On a remote device every call runs under a deadline (``remote_timeout_s``, from
+    ``QCOMPILE_RPC_TIMEOUT_S``, default 600 s, stretched for long timing runs): TVM's
+    RPC client waits forever on a board that hangs or drops off the network without
+    closing the connection, so a call that runs past it raises DeviceError instead.
+    """
 
     def __init__(self, artifact: Artifact, vm, device, session=None):
         self.artifact = artifact
         self.vm = vm
         self.device = device
         self.session = session
+        self.remote_timeout_s = remote_timeout_s()
+        self._slowest_s = 0.0
 
     @property
     def inputs(self):
@@ -120,23 +130,75 @@ class Runner:
         return [tvm.runtime.tensor(np.ascontiguousarray(feed[i.name]), self.device)
                 for i in self.inputs]
 
+    def _call(self, fn, what: str, timeout: float | None = None):
+        """``fn()`` locally, or on the board under a deadline."""
+        if self.session is None:
+            return fn()
+        started = time.monotonic()
+        limit = timeout or max(self.remote_timeout_s, 10 * self._slowest_s)
+        result = call_with_deadline(fn, limit, f"{what} ({self.artifact.directory.name})")
+        self._slowest_s = max(self._slowest_s, time.monotonic() - started)
+        return result
+
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run once; ``feed`` maps input names to arrays of the compiled shapes."""
         check_feed(self.inputs, feed, f"inputs for {self.artifact.directory}")
-        result = self.vm["main"](*self._to_device(feed))
-        return _outputs_to_numpy(result)
+        return self._call(lambda: _outputs_to_numpy(self.vm["main"](*self._to_device(feed))),
+                          "running the model")
 
     def time(self, feed: dict[str, np.ndarray], repeat: int = 50, min_repeat_ms: int = 20,
              warmup: int = 3) -> list[float]:
         """Latencies in ms, one per repeat (each the mean of enough runs to last
         ``min_repeat_ms``), measured with TVM's time evaluator on the device."""
         check_feed(self.inputs, feed, f"inputs for {self.artifact.directory}")
-        args = self._to_device(feed)
+        args = self._call(lambda: self._to_device(feed), "copying inputs")
         for _ in range(warmup):
-            self.vm["main"](*args)
+            self._call(lambda: self.vm["main"](*args), "warm-up run")
         timer = self.vm.time_evaluator("main", self.device, number=1, repeat=repeat,
                                        min_repeat_ms=min_repeat_ms)
-        return [t * 1000.0 for t in timer(*args).results]
+        expected = repeat * max(min_repeat_ms / 1000.0, self._slowest_s)
+        results = self._call(lambda: timer(*args).results, "timing",
+                             timeout=max(self.remote_timeout_s, 10 * self._slowest_s)
+                             + 3 * expected)
+        return [t * 1000.0 for t in results]
+
+
+def remote_timeout_s() -> float:
+    """Seconds one remote call may take before the board counts as gone."""
+    text = os.environ.get("QCOMPILE_RPC_TIMEOUT_S", "")
+    try:
+        value = float(text) if text else 600.0
+    except ValueError:
+        raise InputError(f"QCOMPILE_RPC_TIMEOUT_S={text!r} is not a number of seconds"
+                         ) from None
+    if not value > 0:
+        raise InputError(f"QCOMPILE_RPC_TIMEOUT_S={text!r} must be positive")
+    return value
+
+
+def call_with_deadline(fn, timeout: float, what: str):
+    """Run a remote call in a daemon thread; DeviceError if it has not returned in
+    ``timeout`` s. TVM's C++ call cannot be interrupted: the thread is left blocked
+    (it does not keep the process from exiting) and the session must not be used
+    again."""
+    box: dict = {}
+
+    def work():
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, name="qcompile-remote-call", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise DeviceError(f"the board did not answer within {timeout:.0f} s while "
+                          f"{what}: it hung, lost power or dropped off the network "
+                          "(raise QCOMPILE_RPC_TIMEOUT_S for very slow boards)")
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _outputs_to_numpy(result) -> list[np.ndarray]:
@@ -175,9 +237,14 @@ def load(directory: str | os.PathLike, device=None, session=None) -> Runner:
         return Runner(artifact, vm, device)
     from . import rpc
 
-    remote_lib = rpc.upload_and_load(session, artifact.library)
-    device = device or session.cpu(0)
-    return Runner(artifact, relax.VirtualMachine(remote_lib, device), device, session)
+    def upload():
+        remote_lib = rpc.upload_and_load(session, artifact.library)
+        dev = device or session.cpu(0)
+        return relax.VirtualMachine(remote_lib, dev), dev
+
+    vm, device = call_with_deadline(upload, remote_timeout_s(),
+                                    f"uploading and loading {artifact.library}")
+    return Runner(artifact, vm, device, session)
 
 
 def _spec_for(artifact, get_target, load_spec):

@@ -355,3 +355,35 @@ def test_measure_cli_reports_dead_board(tmp_path, model_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("qcompile: error:") and address in err[-1]
     assert isinstance(DeviceError("x"), QCompileError)
+
+
+@pytest.mark.parametrize("when", ["upload", "timing"])
+def test_board_hangs(tmp_path, model_path, monkeypatch, when):
+    """A board that stops answering without closing the connection (SIGSTOP: what a
+    power cut or a pulled cable looks like to TCP): TVM's client would wait forever;
+    qcompile's per-call deadline turns it into a DeviceError and report.json."""
+    from qcompile import rpc
+    from qcompile.measure import MeasureOptions, measure
+
+    monkeypatch.setenv("QCOMPILE_RPC_TIMEOUT_S", "5")
+    out = tmp_path / "report"
+    server = rpc.start_server()
+    try:
+        def log(msg):
+            if msg.startswith("measuring float"):
+                delay = 0.0 if when == "upload" else 1.0
+                threading.Timer(delay, os.killpg, args=(server.pid, signal.SIGSTOP)).start()
+
+        started = time.monotonic()
+        with pytest.raises(DeviceError, match="did not answer within"):
+            measure(model_path, "host", out=out, rpc=server.address, quantize="none",
+                    log=log, options=MeasureOptions(repeat=40, min_repeat_ms=50, limit=2,
+                                                    progress=False))
+        elapsed = time.monotonic() - started
+    finally:
+        _kill_board(server)
+        server.stop()
+    assert elapsed < 60, f"measure took {elapsed:.0f} s on a hung board"
+    report = json.loads((out / "report.json").read_text())
+    assert any(n.startswith("float: not measured") and "did not answer" in n
+               for n in report["notes"])
