@@ -198,6 +198,7 @@ class DatabaseReport:
     other_targets: list = dataclasses.field(default_factory=list)
     torn_lines: list = dataclasses.field(default_factory=list)  # "file:line"
     orphan_records: int = 0  # records whose workload line was torn
+    slower_than_default: int = 0  # kernels whose best record lost to the default schedule
     messages: list = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -308,7 +309,7 @@ def _meta(log_dir: Path) -> dict:
         return {}
 
 
-def inspect_database(log_dir, spec=None):
+def inspect_database(log_dir, spec=None, *, keep_slower: bool = False):
     """Load one log directory into a MemoryDatabase; returns (database, DatabaseReport).
 
     Records of another target (see :func:`target_fingerprint`) and failed
@@ -370,6 +371,8 @@ def inspect_database(log_dir, spec=None):
                               f"record: {str(exc).splitlines()[-1] if str(exc) else exc}") from None
         db.commit_tuning_record(record)
         report.records += 1
+    if not keep_slower:
+        db = _drop_slower_than_default(db, _meta(log_dir).get("baseline_us", {}), report)
     report.workloads = len(committed)
     report.other_targets = sorted(others)
     if report.orphan_records:
@@ -381,6 +384,35 @@ def inspect_database(log_dir, spec=None):
             f"target ({'; '.join(report.other_targets)}); compiling for "
             f"{spec.name if spec else '?'}")
     return db, report
+
+
+def _drop_slower_than_default(db, baselines: dict, report: "DatabaseReport"):
+    """A copy of ``db`` without the workloads whose best record is not faster than the
+    default schedule measured at tuning time (compile then keeps the default)."""
+    if not baselines:
+        return db
+    from tvm.s_tir import meta_schedule as ms
+
+    out = ms.database.MemoryDatabase(module_equality="structural")
+    by_wl: dict[str, list] = {}
+    for rec in db.get_all_tuning_records():
+        by_wl.setdefault(str(rec.workload.as_json()[0]), []).append(rec)
+    for key, recs in by_wl.items():
+        best = min(_run_secs_mean(r.run_secs) for r in recs) * 1e6
+        base = baselines.get(key)
+        if base is not None and best >= base:
+            report.slower_than_default += 1
+            report.records -= len(recs)
+            continue
+        wl = out.commit_workload(recs[0].workload.mod)
+        for r in recs:
+            out.commit_tuning_record(ms.database.TuningRecord(r.trace, wl, r.run_secs,
+                                                              r.target, r.args_info))
+    if report.slower_than_default:
+        report.messages.append(
+            f"{report.log_dir}: {report.slower_than_default} kernel(s) have no record faster "
+            "than the default schedule measured when tuning; compile keeps the default there")
+    return out
 
 
 def load_database(log_dir, spec=None, *, with_report: bool = False):
@@ -514,6 +546,14 @@ class TaskSummary:
     build_errors: int = 0
     run_errors: int = 0
     best_us: float | None = None
+    default_us: float | None = None  # the same kernel with qcompile's default schedules
+    workload: str = ""  # MetaSchedule's structural hash of the kernel (database key)
+
+    @property
+    def effective_us(self) -> float | None:
+        """What compile will get: the tuned record only where it beats the default."""
+        vals = [v for v in (self.best_us, self.default_us) if v is not None]
+        return min(vals) if vals else None
 
 
 @dataclasses.dataclass
@@ -531,10 +571,11 @@ class TuneSummary:
     measured: bool  # False: builder-only run (no board for this target)
     stopped: str  # "done", "budget", "interrupted", "nothing-to-do", "builder-only"
     seconds: float
-    estimated_latency_us: float | None  # sum of weight x best latency, all tasks measured
+    estimated_latency_us: float | None  # sum of weight x effective latency, all tasks measured
     runner: str
     message: str = ""
     database_messages: list = dataclasses.field(default_factory=list)
+    estimated_default_us: float | None = None  # the same sum with the default schedules
 
     @property
     def per_task_best_us(self) -> dict:
@@ -579,11 +620,16 @@ class _State:
     def estimated_us(self) -> tuple[float | None, int]:
         total, missing = 0.0, 0
         for t in self.tasks:
-            if t.best_us is None:
+            if t.effective_us is None:
                 missing += 1
             else:
-                total += t.weight * t.best_us
+                total += t.weight * t.effective_us
         return (total if missing < len(self.tasks) else None), missing
+
+    def default_total(self) -> float | None:
+        if any(t.default_us is None for t in self.tasks):
+            return None
+        return sum(t.weight * t.default_us for t in self.tasks)
 
     def line(self, task_id: int | None = None) -> str:
         est, missing = self.estimated_us()
@@ -594,17 +640,24 @@ class _State:
         if est is not None:
             parts.append(f"est. end-to-end {est:.1f} us" + (f" (+{missing} unmeasured)"
                                                           if missing else ""))
+            default = self.default_total()
+            if default is not None and not missing:
+                parts.append(f"default {default:.1f} us")
         if task_id is not None:
             t = self.tasks[task_id]
             best = f"{t.best_us:.1f} us" if t.best_us is not None else "n/a"
-            parts.append(f"#{task_id} {t.name}: best {best} ({t.trials} trials)")
+            dflt = f", default {t.default_us:.1f} us" if t.default_us is not None else ""
+            parts.append(f"#{task_id} {t.name}: best {best}{dflt} ({t.trials} trials)")
         return " | ".join(parts)
 
     def table(self) -> str:
-        rows = [f"  {'#':>2} {'task':<48} {'w':>2} {'trials':>6} {'best (us)':>11}"]
+        rows = [f"  {'#':>2} {'task':<48} {'w':>2} {'trials':>6} {'best (us)':>11} "
+                f"{'default (us)':>12}"]
         for i, t in enumerate(self.tasks):
             best = f"{t.best_us:.1f}" if t.best_us is not None else "-"
-            rows.append(f"  {i:>2} {t.name[:48]:<48} {t.weight:>2} {t.trials:>6} {best:>11}")
+            dflt = f"{t.default_us:.1f}" if t.default_us is not None else "-"
+            rows.append(f"  {i:>2} {t.name[:48]:<48} {t.weight:>2} {t.trials:>6} {best:>11} "
+                        f"{dflt:>12}")
         return "\n".join(rows)
 
     def emit(self, text: str) -> None:
@@ -806,7 +859,8 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
          model_name: str = "model", *, trials_per_iter: int | None = None,
          builder_workers: int | None = None, builder_timeout_s: float = 120.0,
          run_timeout_s: float = 30.0, session_timeout_s: int = 60, run_retries: int = 2,
-         population: int = 256, seed: int | None = None, stream=None) -> TuneSummary:
+         population: int = 256, baseline: bool = True, seed: int | None = None,
+         stream=None) -> TuneSummary:
     """Tune ``mod`` (a Relax IRModule) for ``spec`` into the MetaSchedule database ``log_dir``.
 
     ``trials`` is the total for the model: records already in ``log_dir`` for
@@ -839,14 +893,17 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
     existing_db = None
     db_messages = list(report.messages)
     if (log_dir / DB_WORKLOAD).exists():
-        existing_db, rep = inspect_database(log_dir, spec)
+        existing_db, rep = inspect_database(log_dir, spec, keep_slower=True)
         db_messages += [m for m in rep.messages if "torn" not in m]
         for m in rep.messages:
             if "torn" not in m:
                 say(f"[tune] {m}")
     summaries = []
+    baselines = _meta(log_dir).get("baseline_us", {})
     for task in tasks:
-        ts = TaskSummary(name=task.task_name, weight=int(task.weight))
+        ts = TaskSummary(name=task.task_name, weight=int(task.weight),
+                         workload=str(ms.database.Workload(task.dispatched[0]).as_json()[0]))
+        ts.default_us = baselines.get(ts.workload)
         if existing_db is not None and existing_db.has_workload(task.dispatched[0]):
             wl = existing_db.commit_workload(task.dispatched[0])
             recs = existing_db.get_top_k(wl, 1 << 30)
@@ -893,7 +950,8 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
 
     task_names = [t.task_name for t in tasks]
     say(f"[tune] {model_name} on {spec.name}: {len(tasks)} tasks, measuring on {runner_desc}")
-    if measured and remaining == 0:
+    need_baseline = baseline and any(t.default_us is None for t in summaries)
+    if measured and remaining == 0 and not need_baseline:
         say(f"[tune] {log_dir} already holds {trials_before} trials for these kernels "
             f"(>= --trials {trials}); nothing to do. Raise --trials to tune further.")
         return _finish(log_dir, spec, model_name, summaries, trials, 0, trials_before, resumed,
@@ -944,6 +1002,24 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
                                           initializer=_runner_worker_init)
         runner = _wrap_runner(inner, run_retries, state)
         database = ms.database.JSONDatabase(work_dir=str(log_dir), module_equality="structural")
+        missing = [i for i, t in enumerate(summaries) if t.default_us is None]
+        if baseline and missing:
+            t1 = time.monotonic()
+            got = _measure_defaults([tasks[i] for i in missing], spec, target, builder, inner)
+            for i, us in zip(missing, got):
+                summaries[i].default_us = us
+            _write_meta(log_dir, {"baseline_us": {
+                **_meta(log_dir).get("baseline_us", {}),
+                **{summaries[i].workload: us for i, us in zip(missing, got) if us is not None}}})
+            say(f"[tune] default schedules measured for {len(missing)} kernel(s) in "
+                f"{time.monotonic() - t1:.0f}s: "
+                + ", ".join(f"{summaries[i].name[:40]} {us:.1f} us" if us is not None else
+                            f"{summaries[i].name[:40]} n/a" for i, us in zip(missing, got)))
+    if remaining == 0:
+        say(f"[tune] {log_dir} already holds {trials_before} trials for these kernels "
+            f"(>= --trials {trials}); nothing to do. Raise --trials to tune further.")
+        return _finish(log_dir, spec, model_name, summaries, trials, 0, trials_before, resumed,
+                       True, "nothing-to-do", t_start, runner_desc, db_messages, say, None)
     cost_model = ms.cost_model.XGBModel(
         extractor=ms.feature_extractor.PerStoreFeature(),
         adaptive_training=True, num_tuning_cores=os.cpu_count() or 1)
@@ -980,6 +1056,59 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
         stopped = "builder-only"
     return _finish(log_dir, spec, model_name, summaries, trials, state.run_trials, trials_before,
                    resumed, measured, stopped, t_start, runner_desc, db_messages, say, state)
+
+
+def _measure_defaults(tasks, spec, target, builder, runner) -> list[float | None]:
+    """Each task's kernel with qcompile's default schedules, built and run like a trial.
+
+    The result (``baseline_us`` in ``qcompile_tune.json``) lets :func:`load_database`
+    skip records that are not faster than what compile would do without them.
+    """
+    import tvm
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import RunnerInput
+
+    from qcompile import schedules
+
+    inputs = []
+    for task in tasks:
+        # A deep copy: the default-schedule passes may rewrite the functions they are
+        # handed in place, and the tuning contexts hold this very module.
+        mod = tvm.ir.load_json(tvm.ir.save_json(task.dispatched[0]))
+        try:
+            with target:
+                mod = tvm.transform.Sequential(schedules.default_schedule_passes(spec, target))(mod)
+        except Exception as exc:  # noqa: BLE001 - measure the unscheduled kernel instead
+            _log.info("default schedule failed for %s: %s", task.task_name, exc)
+        inputs.append(BuilderInput(mod, target))
+    built = builder.build(inputs)
+    run_inputs, index = [], []
+    for i, (task, res) in enumerate(zip(tasks, built)):
+        if res.error_msg is not None:
+            _log.warning("default schedule of %s did not build: %s", task.task_name,
+                         str(res.error_msg).strip()[-300:])
+        else:
+            run_inputs.append(RunnerInput(res.artifact_path,
+                                          "cuda" if target.kind.name == "cuda" else "cpu",
+                                          ArgInfo.from_prim_func(task.dispatched[0]["main"])))
+            index.append(i)
+    out: list[float | None] = [None] * len(tasks)
+    if run_inputs:
+        for i, fut in zip(index, runner.run(run_inputs)):
+            res = fut.result()
+            if res.error_msg is None and res.run_secs is not None:
+                us = _run_secs_mean(res.run_secs) * 1e6
+                out[i] = us if us < _FAILED_SECS else None
+            else:
+                _log.warning("default schedule of %s did not run: %s", tasks[i].task_name,
+                             str(res.error_msg).strip()[-300:])
+    for res in built:
+        if res.artifact_path:
+            import shutil
+
+            shutil.rmtree(os.path.dirname(str(res.artifact_path)), ignore_errors=True)
+    return out
 
 
 def _count_trials(log_dir: Path, spec, tasks) -> tuple[int, list[int]]:
@@ -1019,13 +1148,22 @@ def _count_trials(log_dir: Path, spec, tasks) -> tuple[int, list[int]]:
 
 def _finish(log_dir, spec, model_name, summaries, trials, run, before, resumed, measured,
             stopped, t_start, runner_desc, db_messages, say, state) -> TuneSummary:
-    est = None
-    if all(t.best_us is not None for t in summaries):
-        est = sum(t.weight * t.best_us for t in summaries)
+    est = default = None
+    if all(t.effective_us is not None for t in summaries):
+        est = sum(t.weight * t.effective_us for t in summaries)
+    if all(t.default_us is not None for t in summaries):
+        default = sum(t.weight * t.default_us for t in summaries)
     if measured:
         msg = f"{run} trials this run, {before + run} in {log_dir}"
         if est is not None:
             msg += f"; estimated end-to-end kernel time {est:.1f} us"
+            if default:
+                msg += f" (default schedules {default:.1f} us, {default / est:.2f}x)"
+        slower = [t.name for t in summaries if t.best_us is not None and
+                  t.default_us is not None and t.best_us >= t.default_us]
+        if slower:
+            msg += (f"; {len(slower)} kernel(s) not yet faster than their default schedule "
+                    "(compile keeps the default for those)")
     else:
         built = sum(t.trials_this_run - t.build_errors for t in summaries)
         errs = sum(t.build_errors for t in summaries)
@@ -1041,7 +1179,7 @@ def _finish(log_dir, spec, model_name, summaries, trials, run, before, resumed, 
         trials_requested=int(trials), trials_run=run, trials_before=before, resumed=resumed,
         measured=measured, stopped=stopped, seconds=round(time.monotonic() - t_start, 1),
         estimated_latency_us=est, runner=runner_desc, message=msg,
-        database_messages=db_messages)
+        database_messages=db_messages, estimated_default_us=default)
     if state is not None:
         say("[tune] per-task best:\n" + state.table())
     say(f"[tune] {msg}")
@@ -1049,5 +1187,5 @@ def _finish(log_dir, spec, model_name, summaries, trials, run, before, resumed, 
         _write_meta(Path(log_dir), {"run": {
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "trials": run,
             "stopped": stopped, "seconds": summary.seconds, "runner": runner_desc,
-            "estimated_latency_us": est}})
+            "estimated_latency_us": est, "estimated_default_us": default}})
     return summary

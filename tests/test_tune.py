@@ -1,6 +1,6 @@
 """qcompile.tune: MetaSchedule tuning into an append-only JSON database, and reading it back.
 
-One tiny model (an 8x32 @ 32x16 matmul + relu: one fused kernel) is tuned once for a
+One tiny model (a 32x64 @ 64x64 matmul + relu: one fused kernel) is tuned once for a
 few trials per module; the database tests work on copies of that log directory.
 Kill-safety, RPC boards and Ctrl-C are in test_tune_slow.py (marked slow).
 """
@@ -20,11 +20,13 @@ import pytest
 from qcompile.errors import TuningError
 
 TARGET = "x86_64-avx2"
-# Small everything: 2 shared cores.
-FAST = dict(trials_per_iter=2, population=16, builder_workers=2)
+# Small everything: 2 shared cores. No default-schedule baseline: with 4 trials the
+# records rarely beat the default schedules, and these tests check that records are used
+# (test_resume_with_budget... measures the baseline).
+FAST = dict(trials_per_iter=2, population=16, builder_workers=2, baseline=False)
 
 
-def tiny_mod(n: int = 8, k: int = 32, m: int = 16, seed: int = 0):
+def tiny_mod(n: int = 32, k: int = 64, m: int = 64, seed: int = 0):
     from tvm import relax
 
     w = np.random.RandomState(seed).randn(k, m).astype("float32")
@@ -50,7 +52,8 @@ def tuned(tmp_path_factory):
 
     mod, w = tiny_mod()
     log_dir = tmp_path_factory.mktemp("tune") / "tiny-x86_64-avx2"
-    summary = tune(mod, TARGET, log_dir, trials=4, model_name="tiny", **FAST)
+    summary = tune(mod, TARGET, log_dir, trials=4, model_name="tiny",
+                   **{**FAST, "trials_per_iter": 4})  # one batch
     return log_dir, summary, mod, w
 
 
@@ -88,7 +91,7 @@ def test_tune_writes_records_that_compile_uses(tuned):
     tuned_names, untuned = coverage_detail(mod, spec, db)
     assert untuned == [] and len(tuned_names) == 1
 
-    x = np.random.RandomState(1).randn(8, 32).astype("float32")
+    x = np.random.RandomState(1).randn(32, 64).astype("float32")
     expect = np.maximum(x @ w, 0)
     for database in (None, db):
         ex = compile_relax(mod, spec, database=database)
@@ -137,14 +140,25 @@ def test_resume_with_budget_continues_and_stops_cleanly(tuned, log_copy, capsys)
     # A tiny budget: it is spent before the first batch is recorded, so the run stops
     # right after that batch.
     again = tune(mod, TARGET, log_copy, trials=200, budget_minutes=0.001, model_name="tiny",
-                 **FAST)
+                 **{**FAST, "baseline": True})
     assert again.resumed and again.trials_before == len(before)
     assert again.stopped == "budget" and 0 < again.trials_run < 200
     after = record_lines(log_copy)
     assert after[:len(before)] == before and len(after) == len(before) + again.trials_run
     err = capsys.readouterr().err
     assert "resuming" in err and "budget" in err and "est. end-to-end" in err
-    assert len(load_database(log_copy).get_all_tuning_records()) == len(after)
+    assert "default schedules measured" in err
+    # the default schedule's latency is kept with the log, keyed by workload
+    task = again.tasks[0]
+    assert task.default_us is not None and again.estimated_default_us == task.default_us
+    meta = json.loads((log_copy / "qcompile_tune.json").read_text())
+    assert meta["baseline_us"][task.workload] == pytest.approx(task.default_us)
+    db, reports = load_database(log_copy, with_report=True)
+    kept = len(db.get_all_tuning_records())
+    if task.best_us < task.default_us:
+        assert kept == len(after)
+    else:  # records slower than the default schedule are not applied
+        assert kept == 0 and reports[0].slower_than_default == 1
 
 
 def test_builder_only_when_target_cannot_run_here(monkeypatch, tmp_path, capsys):
@@ -265,6 +279,23 @@ def test_records_of_another_target_are_ignored(tuned, log_copy):
     with pytest.warns(Warning, match="another target"):
         db = load_database(log_copy, "x86_64-avx2")
     assert len(db.get_all_tuning_records()) == 0
+
+
+def test_records_slower_than_the_default_schedule_are_not_applied(tuned, log_copy):
+    from qcompile.target import get_target
+    from qcompile.tune import database_coverage, load_database
+
+    summary, mod = tuned[1], tuned[2]
+    task = summary.tasks[0]
+    assert task.default_us is None and task.workload  # the fixture measured no baseline
+    meta_path = log_copy / "qcompile_tune.json"
+    meta = json.loads(meta_path.read_text())
+    meta["baseline_us"] = {task.workload: 1e-3}  # a default schedule no record can beat
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(Warning, match="faster than the default"):
+        db, reports = load_database(log_copy, with_report=True)
+    assert reports[0].slower_than_default == 1 and reports[0].records == 0
+    assert database_coverage(mod, get_target(TARGET), db) == (0, 1)
 
 
 def test_cpu_name_and_core_count_do_not_make_another_target():
