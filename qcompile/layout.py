@@ -51,6 +51,10 @@ def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | Non
     """The packing plan for a TVM target (None: leave conv/matmul to LegalizeOps)."""
     from tvm.target import codegen
 
+    if target is not None and target.kind.name == "cuda":
+        # int8 conv2d/matmul only (dp4a); float kernels stay with LegalizeOps + dlight
+        intrin = force_intrin or "cuda-dp4a"
+        return LayoutPlan(0, intrin, 4, "int8")
     if target is None or target.kind.name != "llvm":
         return None
 
@@ -385,6 +389,8 @@ def _make_mutator(plan: LayoutPlan):
                 return None
             o = w.shape[0]
             bb = self.builder_
+            if plan.float_lanes == 0 and (is_float or groups != 1):
+                return None  # GPU: only the packed int8 kernels are ours
             if groups != 1:
                 return bb.call_te(conv2d_spatial, x, relax.const(w), stride, pad, dil, groups,
                                   out_dtype, primfunc_name_hint="conv2d_spatial")
@@ -417,7 +423,8 @@ def _make_mutator(plan: LayoutPlan):
             a_dtype, b_dtype = _dtype(a), str(b.dtype)
             k, n = b.shape
             bb = self.builder_
-            if a_dtype == "float32" and b_dtype == "float32" and out_dtype == "float32":
+            if plan.float_lanes and a_dtype == "float32" and b_dtype == "float32" \
+                    and out_dtype == "float32":
                 lanes = _float_lanes(plan.float_lanes, n)
                 return bb.call_te(matmul_packed_float, a,
                                   relax.const(pack_matmul_weight_float(b, lanes)), n, lanes,

@@ -15,13 +15,16 @@ from __future__ import annotations
 def default_schedule_passes(spec, target) -> list:
     """Passes that give each untuned kernel a schedule fit for ``target``.
 
-    GPU: TVM's dlight GPU rules (every kernel needs thread binding to build).
+    GPU: packed int8 conv2d/matmul on ``__dp4a`` (``cuda``), everything else on TVM's
+    dlight GPU rules (every kernel needs thread binding to build).
     CPU: qcompile's CPU rules (``qcompile.schedules.cpu``).
     """
     if spec.is_cuda or target.kind.name == "cuda":
         from tvm.s_tir import dlight as dl
 
-        return [dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+        from .cuda import apply_cuda_int8_schedules
+
+        return [apply_cuda_int8_schedules(target), dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                         dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
     from .cpu import apply_cpu_schedules
 

@@ -295,3 +295,39 @@ def test_builder_models_match_onnxruntime(name, tmp_path):
         and not hasattr(out, "numpy") else [out.numpy()]
     for got, ref in zip(outs, expected):
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+def _cuda_source(ex) -> str:
+    out = []
+
+    def walk(m):
+        for i in m.imports:
+            try:
+                out.append(i.inspect_source("cuda"))
+            except Exception:  # noqa: BLE001 - host module
+                pass
+            walk(i)
+
+    walk(ex.mod)
+    return "\n".join(out)
+
+
+@pytest.mark.parametrize("target", ["cuda-sm61", "cuda-sm80"])
+def test_cuda_int8_kernels_use_dp4a(target):
+    """int8 conv/matmul kernels call __dp4a in the generated CUDA (compile only: no GPU
+    here); float kernels still build through dlight."""
+    rng = np.random.default_rng(7)
+    w = rng.integers(-64, 64, (16, 8, 3, 3)).astype(np.int8)
+    conv = conv_module((1, 8, 10, 10), w, 1, 1, 1, x_dtype="uint8", epilogue=None,
+                       out_dtype="int32")
+    b = rng.integers(-64, 64, (48, 40)).astype(np.int8)
+    mm = matmul_module((4, 48), b, "uint8", out_dtype="int32")
+    for mod in (conv, mm):
+        src = _cuda_source(_compile(mod, target))
+        calls = [ln for ln in src.splitlines()
+                 if "__dp4a(" in ln and "INTRINSICS_DECL" not in ln]
+        assert calls, f"no __dp4a call in the {target} kernels"
+    wf = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    fconv = conv_module((1, 8, 10, 10), wf, 1, 1, 1,
+                        bias=rng.standard_normal((1, 16, 1, 1)).astype(np.float32))
+    assert "__global__" in _cuda_source(_compile(fconv, target))
