@@ -181,6 +181,7 @@ def write_plots(report: Report, out: Path) -> list[Path]:
             (("qcompile float", report.float), ("qcompile int8", report.int8)) if _lat(sec)]
     for label, value in ((report.reference or {}).get("latency_ms") or {}).items():
         bars.append((label, value, None))
+    bars = [b for b in bars if _finite(b[1])]  # NaN/Inf cannot be drawn
     if bars:
         fig, ax = plt.subplots(figsize=(6, 3.2))
         names = [b[0] for b in bars]
@@ -198,7 +199,7 @@ def write_plots(report: Report, out: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     layers = [layer for layer in (report.quantization or {}).get("layers", []) or []
-              if isinstance(layer, dict) and layer.get("sqnr_db") is not None]
+              if isinstance(layer, dict) and _finite(layer.get("sqnr_db"))]
     if layers:
         fig, ax = plt.subplots(figsize=(7, 0.3 * len(layers) + 1.2))
         ax.barh([layer["name"] for layer in layers], [layer["sqnr_db"] for layer in layers],
@@ -217,12 +218,75 @@ def write_plots(report: Report, out: Path) -> list[Path]:
 def rerender(directory: str | os.PathLike) -> list[Path]:
     path = Path(directory) / "report.json"
     try:
-        report = Report.from_json(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no report.json here; run qcompile measure first") from None
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise InputError(f"{path}: not a qcompile report ({exc})") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a report") from None
+    except (ValueError, RecursionError) as exc:  # JSON and UTF-8 errors, deep nesting
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: not a qcompile report ({first})") from None
+    _check_report(data, path)
+    report = Report.from_json(json.dumps(data))
     return report.write(directory)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
+def _check_report(data, path: Path) -> None:
+    """The fields ``to_markdown`` and the plots read, with the types they need."""
+    def bad(what: str):
+        raise InputError(f"{path}: not a qcompile report ({what})")
+
+    def number(value, where, finite=False):
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            bad(f"{where} must be a number, not {type(value).__name__}")
+        if finite and not math.isfinite(value):
+            bad(f"{where} must be finite, not {value}")
+
+    def table(value, where):
+        if value is not None and not isinstance(value, dict):
+            bad(f"{where} must be a JSON object")
+        return value or {}
+
+    if not isinstance(data, dict):
+        bad("the top level must be a JSON object")
+    for key in ("model", "target", "device"):
+        if not isinstance(data.get(key), str):
+            bad(f"'{key}' must be a string")
+    if not isinstance(data.get("notes", []), list) or \
+            not all(isinstance(n, str) for n in data.get("notes", [])):
+        bad("'notes' must be a list of strings")
+    table(data.get("environment"), "'environment'")
+    for kind in ("float", "int8"):
+        section = table(data.get(kind), f"'{kind}'")
+        latency = table(section.get("latency_ms"), f"'{kind}.latency_ms'")
+        for key in ("median", "p90", "mean", "min"):
+            number(latency.get(key), f"'{kind}.latency_ms.{key}'", finite=True)
+        for key in ("count", "threads"):
+            if latency.get(key) is not None and type(latency[key]) is not int:
+                bad(f"'{kind}.latency_ms.{key}' must be an integer")
+        agreement = table(section.get("agreement"), f"'{kind}.agreement'")
+        for key in ("top1", "top5", "cosine", "sqnr_db", "max_abs_err"):
+            number(agreement.get(key), f"'{kind}.agreement.{key}'")
+        number(section.get("accuracy"), f"'{kind}.accuracy'")
+        for key in ("library_bytes", "weight_bytes"):
+            if section.get(key) is not None and type(section[key]) is not int:
+                bad(f"'{kind}.{key}' must be an integer")
+    reference = table(data.get("reference"), "'reference'")
+    for label, value in table(reference.get("latency_ms"), "'reference.latency_ms'").items():
+        number(value, f"'reference.latency_ms.{label}'", finite=True)
+    layers = table(data.get("quantization"), "'quantization'").get("layers")
+    if layers is not None:
+        if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+            bad("'quantization.layers' must be a list of objects")
+        for layer in layers:
+            number(layer.get("sqnr_db"), "a layer's sqnr_db")
 
 
 def _json_default(value):

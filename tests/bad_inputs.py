@@ -21,6 +21,7 @@ Categories (``Item.category``):
   meaningful where ``qcompile.tune`` exists.
 * ``artifact``: tampered artifact directories, fed to ``qcompile measure DIR``.
 * ``target``: bad target descriptor TOML files (``compile --target FILE``).
+* ``report``: bad ``report.json`` files (``qcompile report DIR``, which re-renders).
 
 ``Item.expect`` is ``"error"`` (must end in exit 2 and a one-line
 ``qcompile: error:`` naming ``Item.names``), or ``"any"`` for mutations that
@@ -917,6 +918,52 @@ def _target_items(c: _Corpus, seed: int):
                              "-o", "{out}/artifact", "--quantize", "none"], str(path)))
 
 
+# --------------------------------------------------------------------------- report items
+def _report_items(c: _Corpus):
+    """Bad report.json files for ``qcompile report DIR`` (re-render)."""
+    good = {"model": "m", "target": GOOD_TARGET, "device": "local", "emulated": False,
+            "float": {"latency_ms": {"median": 1.0, "p90": 1.2, "count": 5, "threads": 2}},
+            "int8": None, "reference": None, "quantization": None, "notes": [],
+            "environment": {}}
+    cases = {
+        "garbage": bytes(range(256)),
+        "empty": b"",
+        "truncated": json.dumps(good).encode()[:40],
+        "list": b"[1, 2, 3]",
+        "null": b"null",
+        "deep-nesting": b"[" * 100000 + b"]" * 100000,
+        "missing-model": json.dumps({k: v for k, v in good.items() if k != "model"}).encode(),
+        "float-section-string": json.dumps({**good, "float": "fast"}).encode(),
+        "latency-string": json.dumps({**good, "float": {"latency_ms": "1 ms"}}).encode(),
+        "latency-median-string": json.dumps(
+            {**good, "float": {"latency_ms": {"median": "x", "count": 1}}}).encode(),
+        "notes-not-list": json.dumps({**good, "notes": 5}).encode(),
+        "environment-list": json.dumps({**good, "environment": [1, 2]}).encode(),
+        "quantization-layers-garbage": json.dumps(
+            {**good, "quantization": {"layers": [1, "x", {"sqnr_db": "loud"}]}}).encode(),
+        "reference-latency-garbage": json.dumps(
+            {**good, "reference": {"kind": "ort", "latency_ms": {"ort": "slow"}}}).encode(),
+        "agreement-garbage": json.dumps(
+            {**good, "int8": {"agreement": {"top1": "all", "cosine": [1]}}}).encode(),
+        "accuracy-string": json.dumps({**good, "int8": {"accuracy": "high"}}).encode(),
+        "nan-latency": json.dumps({**good, "float": {"latency_ms": {"median": float("nan"),
+                                                                   "count": 1}}}).encode(),
+    }
+    for kind, payload in cases.items():
+        item_id = c.new_id("report", kind)
+        d = c.dir_for(item_id) / "report"
+        d.mkdir()
+        (d / "report.json").write_bytes(payload)
+        c.items.append(Item(item_id, "report", kind, str(d / "report.json"),
+                            ["report", str(d)], str(d)))
+    for kind in ("no-report-json", "missing-dir"):
+        item_id = c.new_id("report", kind)
+        d = c.dir_for(item_id) / "report"
+        if kind == "no-report-json":
+            d.mkdir()
+        c.items.append(Item(item_id, "report", kind, str(d), ["report", str(d)], str(d)))
+
+
 # --------------------------------------------------------------------------- entry point
 def generate(root: str | os.PathLike, seed: int = 0) -> list[Item]:
     """Write the whole corpus under ``root``; returns its items (same seed, same files)."""
@@ -931,6 +978,7 @@ def generate(root: str | os.PathLike, seed: int = 0) -> list[Item]:
     _tuning_items(c, seed)
     _artifact_items(c)
     _target_items(c, seed)
+    _report_items(c)
     (root / "corpus" / "index.json").write_text(json.dumps([i.to_dict() for i in c.items],
                                                            indent=1))
     return c.items

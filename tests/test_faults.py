@@ -387,3 +387,31 @@ def test_board_hangs(tmp_path, model_path, monkeypatch, when):
     report = json.loads((out / "report.json").read_text())
     assert any(n.startswith("float: not measured") and "did not answer" in n
                for n in report["notes"])
+
+
+# --------------------------------------------------------------------------- exposure
+def _listening(pid: int) -> list[tuple[str, int]]:
+    import psutil
+
+    proc = psutil.Process(pid)
+    found = []
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            conns = p.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        found += [(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def test_rpc_server_and_tracker_listen_on_loopback_only():
+    """What the kernel says the processes listen on, not what was asked for."""
+    from qcompile import rpc
+
+    with rpc.start_tracker() as tracker, \
+            rpc.start_server(tracker=tracker.address, key="loopback-check") as server:
+        for handle in (tracker, server):
+            sockets = _listening(handle.pid)
+            assert (("127.0.0.1", handle.port) in sockets), sockets
+            assert all(ip == "127.0.0.1" for ip, _ in sockets), \
+                f"{handle.kind} listens beyond loopback: {sockets}"
