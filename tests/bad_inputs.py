@@ -157,7 +157,7 @@ def _onnx_bytes_items(c: _Corpus, seeds: dict[str, onnx.ModelProto]):
         _add_model(c, "truncated", blob[:cut], "any" if cut > len(blob) * 0.98 else "error",
                    note=f"{name} cut at {cut}/{len(blob)}")
     # bit flips: 1-16 random bits; some land in weights and give a valid model
-    for i in range(40):
+    for i in range(24):
         name = names[i % len(names)]
         data = bytearray(blobs[name])
         flips = rng.choice([1, 1, 2, 4, 16])
@@ -166,7 +166,7 @@ def _onnx_bytes_items(c: _Corpus, seeds: dict[str, onnx.ModelProto]):
             data[pos] ^= 1 << rng.randrange(8)
         _add_model(c, "bitflip", data, "any", note=f"{name} with {flips} flipped bits")
     # header-area flips: the first 64 bytes hold ir_version, opset, producer, graph start
-    for i in range(10):
+    for i in range(6):
         name = names[i % len(names)]
         data = bytearray(blobs[name])
         for _ in range(3):

@@ -25,7 +25,7 @@ import onnx_builders as ob
 from qcompile.errors import QCompileError
 from qcompile.frontend import check_ops, check_weights, graph_inputs, read_onnx
 
-EXAMPLES = int(os.environ.get("QCOMPILE_FUZZ_EXAMPLES", "800"))
+EXAMPLES = int(os.environ.get("QCOMPILE_FUZZ_EXAMPLES", "600"))
 RANDOM = bool(os.environ.get("QCOMPILE_FUZZ_RANDOM"))
 
 _SEEDS = {name: model for name, model in ob.all_models(0).items()}
