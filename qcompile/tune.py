@@ -604,6 +604,7 @@ class _State:
         self.stop_reason: str | None = None
         self.interrupts = 0
         self.pending = 0  # measured batches not yet handed to the measure callbacks
+        self.index: list[int] = list(range(len(tasks)))  # scheduler task id -> tasks[i]
         self.retried = 0
 
     def check_stop(self, at_build: bool = False) -> None:
@@ -678,6 +679,7 @@ def _make_callback(state: _State):
 
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results,
                   runner_results):
+            task_id = state.index[task_id]
             t = state.tasks[task_id]
             for b, r in zip(builder_results, runner_results):
                 state.run_trials += 1
@@ -859,14 +861,23 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
          model_name: str = "model", *, trials_per_iter: int | None = None,
          builder_workers: int | None = None, builder_timeout_s: float = 120.0,
          run_timeout_s: float = 30.0, session_timeout_s: int = 60, run_retries: int = 2,
-         population: int = 256, baseline: bool = True, seed: int | None = None,
+         population: int = 256, baseline: bool = True, min_share: float = 0.03,
+         seed: int | None = None,
          stream=None) -> TuneSummary:
     """Tune ``mod`` (a Relax IRModule) for ``spec`` into the MetaSchedule database ``log_dir``.
 
     ``trials`` is the total for the model: records already in ``log_dir`` for
     these kernels count towards it (resume). ``budget_minutes`` stops cleanly
-    after the batch in flight. ``rpc_tracker="host:port"`` measures on the
-    boards registered under ``rpc_key`` (default: the target's key).
+    after the batch in flight (a run always records its first batch; the
+    scheduler's first round gives every task one batch). ``rpc_tracker="host:port"``
+    measures on the boards registered under ``rpc_key`` (default: the target's key).
+
+    ``baseline``: first build and time each kernel with qcompile's default
+    schedules (once per log directory, kept in ``qcompile_tune.json``);
+    :func:`load_database` then skips records that do not beat it, and kernels
+    taking under ``min_share`` of the default end-to-end time are not tuned.
+    ``population``: the evolutionary search's population (smaller is faster
+    per batch, searches less). ``trials_per_iter``: candidates per batch.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -1015,6 +1026,16 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
                 f"{time.monotonic() - t1:.0f}s: "
                 + ", ".join(f"{summaries[i].name[:40]} {us:.1f} us" if us is not None else
                             f"{summaries[i].name[:40]} n/a" for i, us in zip(missing, got)))
+    if remaining > 0 and min_share > 0 and all(t.default_us is not None for t in summaries):
+        total = sum(t.weight * t.default_us for t in summaries)
+        keep = [i for i, t in enumerate(summaries) if t.weight * t.default_us >= min_share * total]
+        if keep and len(keep) < len(summaries):
+            small = [summaries[i].name for i in range(len(summaries)) if i not in keep]
+            say(f"[tune] not tuning {len(small)} kernel(s) that take under "
+                f"{min_share:.0%} of the default end-to-end time: {', '.join(small)}")
+            state.index = keep
+            contexts = [contexts[i] for i in keep]
+            weights = [weights[i] for i in keep]
     if remaining == 0:
         say(f"[tune] {log_dir} already holds {trials_before} trials for these kernels "
             f"(>= --trials {trials}); nothing to do. Raise --trials to tune further.")
