@@ -9,9 +9,12 @@ He-scaled weights, BatchNorm folded into conv bias, 1x3x224x224 input) and the b
 * ``ort fp32``  onnxruntime, graph optimizations on, ``intra_op_num_threads`` = threads
 * ``ort int8``  onnxruntime on ``quantize_static`` QDQ per-channel (random calibration)
 * ``qc fp32``   qcompile float, default schedules, ``TVM_NUM_THREADS`` = threads
-* ``qc int8``   qcompile int8 (``qcompile.quantize``), when that package is importable
+* ``qc int8``   qcompile int8 (``qcompile.quantize``: min-max calibration on 8 random
+                batches, its target defaults), when that package is importable
 
-Each timing: warm-up, then the median of ``--runs`` single runs. Threads are set per
+Each timing: warm-up, then the median of ``--runs`` single runs; the four engines are
+timed round-robin in 5 rounds, so that load from other processes on a shared machine
+falls on all of them alike. Threads are set per
 process for TVM (its pool reads TVM_NUM_THREADS once), so each thread count runs in a
 child process. Writes ``benchmarks/results/bench_models.md`` (+ ``.json``) and a PNG chart.
 """
@@ -253,44 +256,62 @@ def _accepts(cls, field):
 
 
 # --------------------------------------------------------------------------- one process per thread count
+def _interleaved_medians(fns: dict, runs: int, rounds: int = 5, warmup: int = 3) -> dict:
+    """Median ms per engine, timed round-robin (``rounds`` rounds of ``runs/rounds`` runs
+    each) so that load changes on a shared machine hit every engine alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    per = max(1, -(-runs // rounds))
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(per):
+                t0 = time.perf_counter()
+                fn()
+                samples[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
 def run_child(args):
     """Time every model at ``args.threads[0]`` threads; print one JSON line."""
     threads = args.threads[0]
     rows = []
+    try:
+        import qcompile.quantize as _q
+
+        have_q = hasattr(_q, "quantize_model")
+    except Exception:  # noqa: BLE001
+        have_q = False
     with tempfile.TemporaryDirectory() as workdir:
         for name in args.models:
             model = MODELS[name]()
             iname, x = _input_of(model)
             row = {"model": name, "threads": threads}
+            fns = {}
             sess = _ort_session(model.SerializeToString(), threads)
-            row["ort_fp32_ms"] = _median_ms(lambda: sess.run(None, {iname: x}), args.runs)
+            fns["ort_fp32_ms"] = lambda s=sess: s.run(None, {iname: x})
             try:
-                qbytes = _ort_int8(model, name, x, workdir)
-                qsess = _ort_session(qbytes, threads)
-                row["ort_int8_ms"] = _median_ms(lambda: qsess.run(None, {iname: x}), args.runs)
+                qsess = _ort_session(_ort_int8(model, name, x, workdir), threads)
+                fns["ort_int8_ms"] = lambda s=qsess: s.run(None, {iname: x})
             except Exception as exc:  # noqa: BLE001
                 row["ort_int8_error"] = f"{type(exc).__name__}: {exc}"[:300]
             try:
                 fn, secs = _qc_build(model, name, False, args.target)
                 row["qc_fp32_compile_s"] = secs
-                row["qc_fp32_ms"] = _median_ms(fn, args.runs)
+                fns["qc_fp32_ms"] = fn
             except Exception as exc:  # noqa: BLE001
                 row["qc_fp32_error"] = f"{type(exc).__name__}: {exc}"[:300]
-            try:
-                import qcompile.quantize as _q  # noqa: F401
-
-                have_q = hasattr(_q, "quantize_model")
-            except Exception:  # noqa: BLE001
-                have_q = False
             if not have_q:
                 row["qc_int8_error"] = "qcompile.quantize not importable yet (float-only run)"
             else:
                 try:
                     fn, secs = _qc_build(model, name, True, args.target)
                     row["qc_int8_compile_s"] = secs
-                    row["qc_int8_ms"] = _median_ms(fn, args.runs)
+                    fns["qc_int8_ms"] = fn
                 except Exception as exc:  # noqa: BLE001
                     row["qc_int8_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            row.update(_interleaved_medians(fns, args.runs))
             rows.append(row)
             print(f"[{threads} thr] {name}: " + ", ".join(
                 f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
@@ -315,7 +336,7 @@ def write_report(rows, args):
         pass
     lines = [
         "# qcompile vs ONNX Runtime: latency (ms, median of "
-        f"{args.runs} runs after warm-up, batch 1)", "",
+        f"{args.runs} runs after warm-up, interleaved, batch 1)", "",
         f"Machine: {cpu}, {os.cpu_count()} cores. qcompile target `{args.target}`, untuned "
         "default schedules. Generated by `benchmarks/bench_models.py` "
         f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).", "",

@@ -24,6 +24,11 @@ from tvm import s_tir, tirx
 
 from qcompile.layout import INTRIN_ATTR, KERNEL_ATTR, LANES_ATTR
 
+# Scope of the per-tile accumulators. "global": a small constant-size global allocation
+# inside the parallel loop is lowered to a stack alloca (registers after LLVM's SROA);
+# "local" would go through TVMBackendAllocWorkspace on every parallel iteration.
+ACC_SCOPE = "global"
+
 
 
 # --------------------------------------------------------------------------- helpers
@@ -229,7 +234,7 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     else:
         sch.reorder(b, oo, i, jo, rc, rh, rw, ji, oi)
     _schedule_producers(sch, block, vec_width)
-    wb = sch.cache_write(block, 0, "local")
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
     sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, h, w, c))
     _inline_epilogue(sch, wb)
     sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
@@ -249,7 +254,7 @@ def _finish_inner(sch, block, tile_loop, lane_loop, r4_loop, intrin: str, lanes:
     if base in ("avx512-vnni", "avx2-vpmaddubsw", "arm-sdot"):
         from .intrin import get_intrin
 
-        name = get_intrin(base, portable=intrin.startswith("portable-"))
+        name = get_intrin(base, portable=intrin.startswith("portable-"), scope=ACC_SCOPE)
         init = sch.decompose_reduction(block, red_loop)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(lane_loop, name)
@@ -280,7 +285,7 @@ def schedule_matmul_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     else:
         sch.reorder(io, jo, rk, ii, ji)
     _schedule_producers(sch, block, vec_width)
-    wb = sch.cache_write(block, 0, "local")
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
     _inline_epilogue(sch, wb)
     sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
     wl = sch.get_loops(wb)[2:]
@@ -297,7 +302,7 @@ def schedule_conv2d_spatial(sch, block, vec_width: int, acc_width: int):
     jo, ji = sch.split(j, [None, tw])
     sch.reorder(b, o, i, jo, rc, rh, rw, ji)
     _schedule_producers(sch, block, vec_width)
-    wb = sch.cache_write(block, 0, "local")
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
     _inline_epilogue(sch, wb)
     sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(wb)[-1])
