@@ -12,7 +12,9 @@ into qcompile's own TE computes, with the weight packed in numpy at compile time
   kernel's padding stage writes the activation as ``[N, C/4, H, W, 4]`` (+128 or
   -128 shift when its signedness differs from the instruction's, compensated by a
   per-channel constant), so the intrinsic's 4-byte activation read is contiguous.
-* depthwise / grouped conv2d: ``conv2d_spatial``, vectorized over output width.
+* depthwise conv2d: ``conv2d_depthwise_packed``, ``W[C, 1, KH, KW]`` -> ``[C/L, KH, KW, L]``,
+  input repacked to ``[N, C/L, H, W, L]`` by the kernel's padding stage (vector over channels).
+* grouped conv2d: ``conv2d_spatial``, vectorized over output width.
 * matmul ``A[M, K] x B[K, N]`` (B constant) -> ``Bp[N/L, K, L]`` float,
   ``Bp[N/L, K/4, L, 4]`` int8.
 
@@ -254,6 +256,50 @@ def conv2d_spatial(x, wt, stride, pad, dil, groups, out_dtype):
         attrs={KERNEL_ATTR: "conv2d_spatial", INTRIN_ATTR: "none", LANES_ATTR: 0})
 
 
+def pack_depthwise_weight(w: np.ndarray, lanes: int) -> np.ndarray:
+    """[C, 1, KH, KW] -> [C/L, KH, KW, L] (C zero-padded)."""
+    c, _, kh, kw = w.shape
+    cp = _ceil(c, lanes) * lanes
+    wpad = np.zeros((cp, kh, kw), w.dtype)
+    wpad[:c] = w[:, 0]
+    return np.ascontiguousarray(wpad.reshape(cp // lanes, lanes, kh, kw).transpose(0, 2, 3, 1))
+
+
+def conv2d_depthwise_packed(x, wp, stride, pad, dil, lanes, out_dtype):
+    """Depthwise conv2d (multiplier 1) vectorized over channels: the kernel's padding
+    stage writes the input as [N, C/L, H, W, L], weights are [C/L, KH, KW, L]; every
+    load of the inner loop is a contiguous vector, also for stride 2."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(v) for v in x.shape)
+    _, kh, kw, _ = (int(v) for v in wp.shape)
+    oh, ow = _out_hw(h, w, kh, kw, stride, pad, dil)
+    cb = int(wp.shape[0])
+    pt, pl, pb, pr = pad
+
+    def _xval(b, cc, i, j, ci):
+        ch = cc * lanes + ci
+        valid = tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl, ch < c)
+        return tirx.if_then_else(valid, x[b, tirx.min(ch, c - 1), i - pt, j - pl],
+                                 tirx.const(0, x.dtype))
+
+    xp = te.compute((n, cb, h + pt + pb, w + pl + pr, lanes), _xval, name="pack_nchwc")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    conv = te.compute(
+        (n, cb * lanes, oh, ow),
+        lambda b, o, i, j: te.sum(
+            xp[b, o // lanes, i * stride[0] + rh * dil[0], j * stride[1] + rw * dil[1],
+               o % lanes].astype(out_dtype)
+            * wp[o // lanes, rh, rw, o % lanes].astype(out_dtype),
+            axis=[rh, rw]),
+        name="conv2d_dw_packed",
+        attrs={KERNEL_ATTR: "conv2d_dw_packed", INTRIN_ATTR: "none", LANES_ATTR: lanes})
+    if cb * lanes == c:
+        return conv
+    return te.compute((n, c, oh, ow), lambda b, o, i, j: conv[b, o, i, j], name="conv2d_slice")
+
+
 def matmul_packed_float(a, bp, n_out, lanes, out_dtype):
     """[M, K] x packed [N/L, K, L] -> [M, N]."""
     from tvm import te
@@ -391,6 +437,11 @@ def _make_mutator(plan: LayoutPlan):
             bb = self.builder_
             if plan.float_lanes == 0 and (is_float or groups != 1):
                 return None  # GPU: only the packed int8 kernels are ours
+            if groups == xshape[1] == o and w.shape[1] == 1 and plan.float_lanes:
+                lanes = _float_lanes(plan.float_lanes, o) if is_float else plan.float_lanes
+                return bb.call_te(conv2d_depthwise_packed, x,
+                                  relax.const(pack_depthwise_weight(w, lanes)), stride, pad,
+                                  dil, lanes, out_dtype, primfunc_name_hint="conv2d_dw_packed")
             if groups != 1:
                 return bb.call_te(conv2d_spatial, x, relax.const(w), stride, pad, dil, groups,
                                   out_dtype, primfunc_name_hint="conv2d_spatial")

@@ -28,6 +28,9 @@ from qcompile.layout import INTRIN_ATTR, KERNEL_ATTR, LANES_ATTR
 # inside the parallel loop is lowered to a stack alloca (registers after LLVM's SROA);
 # "local" would go through TVMBackendAllocWorkspace on every parallel iteration.
 ACC_SCOPE = "global"
+# Write-back of a conv tile [pixels x channels] to NCHW: vectorized along "w" (pixels,
+# contiguous stores) or "o" (channels, strided stores).
+WB_VECTOR = "w"
 
 
 
@@ -241,10 +244,37 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     wl = sch.get_loops(wb)[4:]
     # wl: (n, o, h, w) iters of the write-back inside the tile -> (w, o), vectorize o
     if len(wl) == 4:
-        sch.reorder(wl[3], wl[1])
-        sch.vectorize(wl[1])
+        if WB_VECTOR == "w":  # contiguous NCHW stores along the tile's pixels
+            sch.vectorize(wl[3])
+        else:  # vector over channels: scattered stores
+            sch.reorder(wl[3], wl[1])
+            sch.vectorize(wl[1])
     sch.parallel(sch.fuse(b, oo, i))
     _finish_inner(sch, block, ji, oi, r4 if is_int8 else None, intrin, lanes, rc)
+
+
+def schedule_conv2d_dw_packed(sch, block, lanes: int, vec_width: int):
+    """Depthwise, channels packed: tile [tw pixels x lanes channels], vector over channels."""
+    b, o, i, j, rh, rw = sch.get_loops(block)
+    tw = _pick_tile(_extent(sch, j), 4, 8)
+    oo, oi = sch.split(o, [None, lanes])
+    jo, ji = sch.split(j, [None, tw])
+    sch.reorder(b, oo, i, jo, rh, rw, ji, oi)
+    _schedule_producers(sch, block, vec_width)
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
+    sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, h, w, c))
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    wl = sch.get_loops(wb)[4:]
+    if len(wl) == 4:
+        sch.vectorize(wl[3])
+    sch.parallel(sch.fuse(b, oo, i))
+    sch.vectorize(oi)
+    sch.unroll(ji)
+    sch.unroll(rw)
+    sch.unroll(rh)
+    init = sch.decompose_reduction(block, rh)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _finish_inner(sch, block, tile_loop, lane_loop, r4_loop, intrin: str, lanes: int,
@@ -327,6 +357,8 @@ def apply_packed_rule(func, target):
         schedule_conv2d_packed(sch, block, lanes, intrin if kind.endswith("int8") else "float", vec)
     elif kind in ("matmul_packed", "matmul_packed_int8"):
         schedule_matmul_packed(sch, block, lanes, intrin if kind.endswith("int8") else "float", vec)
+    elif kind == "conv2d_dw_packed":
+        schedule_conv2d_dw_packed(sch, block, lanes, vec)
     elif kind == "conv2d_spatial":
         schedule_conv2d_spatial(sch, block, vec, 2 * vec)
     else:
