@@ -305,6 +305,57 @@ def export(model, args, names, out_names, path):
     return m
 
 
+def fold_pad_inputs(path, feed):
+    """Make every Pad's ``pads`` input a constant initializer, then drop dead nodes.
+
+    torch exports ``nn.ZeroPad2d`` (EfficientNet's static "same" padding) as Pad whose
+    pads come from a ConstantOfShape/Concat/Slice/Transpose/Cast chain that constant
+    folding leaves in place; TVM 0.27's importer then fails with "Dynamic pads are
+    not supported yet". The values are computed once with onnxruntime.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name for i in m.graph.initializer}
+    targets = sorted({n.input[1] for n in m.graph.node
+                      if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] not in inits})
+    if not targets:
+        return 0
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    for t in targets:
+        probe.graph.output.append(onnx.ValueInfoProto(name=t))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    values = ort.InferenceSession(probe.SerializeToString(), so,
+                                  providers=["CPUExecutionProvider"]).run(targets, feed)
+    rename = {t: t + "_folded" for t in targets}
+    for t, v in zip(targets, values):
+        m.graph.initializer.append(numpy_helper.from_array(np.asarray(v, np.int64), rename[t]))
+    for n in m.graph.node:
+        if n.op_type == "Pad" and len(n.input) > 1 and n.input[1] in rename:
+            n.input[1] = rename[n.input[1]]
+    # prune nodes whose outputs nothing needs any more
+    needed = {o.name for o in m.graph.output}
+    keep = []
+    for n in reversed(list(m.graph.node)):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    del m.graph.node[:]
+    m.graph.node.extend(reversed(keep))
+    used = needed
+    kept_inits = [i for i in m.graph.initializer if i.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept_inits)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return len(targets)
+
+
 def run_onnx(path, feeds_list):
     """Run the ONNX file on each feed dict: onnxruntime if importable here, else the
     onnx reference evaluator (slow but exact)."""
@@ -360,6 +411,9 @@ def main(argv=None) -> int:
         # (never call EfficientNet.set_swish(): it replaces Lite's ReLU6 with Swish)
         onnx_path = out / f"{name}.onnx"
         export(model, (torch.from_numpy(xe[:1]),), ["input"], ["logits"], onnx_path)
+        folded = fold_pad_inputs(onnx_path, {"input": xe[:1]})
+        if folded:
+            print(f"  {name}: {folded} Pad nodes given constant pads (TVM needs static pads)")
         with torch.no_grad():
             ref = np.concatenate([model(torch.from_numpy(xe[i:i + 1])).numpy()
                                   for i in range(len(xe))])
