@@ -31,6 +31,15 @@ ACC_SCOPE = "global"
 # Write-back of a conv tile [pixels x channels] to NCHW: vectorized along "w" (pixels,
 # contiguous stores) or "o" (channels, strided stores).
 WB_VECTOR = "w"
+# Pixels per conv register tile (accumulators = pixels x 1 vector): None = by ISA
+# (16 with AVX-512's 32 vector registers, 8 with AVX2's / NEON's 16).
+TILE_W_MAX: int | None = None
+
+
+def _tile_w_max(vec_width: int) -> int:
+    if TILE_W_MAX is not None:
+        return TILE_W_MAX
+    return 16 if vec_width >= 16 else 8
 
 
 
@@ -229,7 +238,7 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     else:
         b, o, i, j, rc, rh, rw = loops
     ow = _extent(sch, j)
-    tw = _pick_tile(ow, 4, 8)
+    tw = _pick_tile(ow, 4, _tile_w_max(vec_width))
     oo, oi = sch.split(o, [None, lanes])
     jo, ji = sch.split(j, [None, tw])
     if is_int8:
@@ -256,7 +265,7 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
 def schedule_conv2d_dw_packed(sch, block, lanes: int, vec_width: int):
     """Depthwise, channels packed: tile [tw pixels x lanes channels], vector over channels."""
     b, o, i, j, rh, rw = sch.get_loops(block)
-    tw = _pick_tile(_extent(sch, j), 4, 8)
+    tw = _pick_tile(_extent(sch, j), 4, _tile_w_max(vec_width))
     oo, oi = sch.split(o, [None, lanes])
     jo, ji = sch.split(j, [None, tw])
     sch.reorder(b, oo, i, jo, rh, rw, ji, oi)
