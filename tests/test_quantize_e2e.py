@@ -188,3 +188,15 @@ def test_max_accuracy_drop_falls_back_most_sensitive_layers(bundled, bundled_cal
     assert "all_int8_ms" in fb["latency"] and "final_ms" in fb["latency"]
     int8_ops = result.mod.script(show_meta=False).count('out_dtype="int32"')
     assert int8_ops == 4 - len(fb["float_layers"])
+
+
+def test_calibration_rechunked_to_static_batch(tmp_path):
+    """gemm_model has a static batch of 4: 6 samples run as 4 + (2 padded to 4)."""
+    model = BUILDERS["gemm"](0)
+    imported = import_onnx(save_model(model, tmp_path, "gemm"))
+    x = np.random.default_rng(3).normal(size=(6, 32)).astype(np.float32)
+    x[5, 0] = 9.0  # the maximum sits in the padded chunk
+    result = quantize_model(imported, [{"input": x}], QuantConfig(sqnr=False, progress=False),
+                            SPEC)
+    assert result.summary["calibration"]["samples"] == 6
+    assert result.summary["tensors"]["input"]["range"] == pytest.approx([x.min(), 9.0])

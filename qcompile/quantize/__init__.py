@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import InputError
 from .calibrate import CalibrationData, calibrate, load_calibration, observe_module
 from .observers import METHODS, make_observer
-from .plan import build_plan
+from .plan import build_plan, tensor_names
 from .prepare import prepare
 from .qdq import has_qdq, match_weight, strip_pairs, weight_table
 from .realize import QParams, act_qparams, realize
@@ -189,8 +189,10 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
             correct_biases(plan, observers.pop("means"), config.per_channel, reduce_range)
         ranges = {var: obs.compute_range() for var, obs in observers.items()}
         qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
+    names = tensor_names(plan, float_mod["main"])
     qmod, records = realize(float_mod, plan, qparams, config.per_channel, reduce_range,
-                            weight_override=override, fake_quant=qdq, requant=config.requant)
+                            weight_override=override, fake_quant=qdq, requant=config.requant,
+                            names=names)
 
     weight_bits = sorted({r["weight"]["bits"] for r in records}) or [7 if reduce_range else 8]
     summary = {
@@ -212,7 +214,8 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                          "samples": int(sum(len(next(iter(b.values()))) for b in data))}
                         if data is not None else None),
         "target": spec.name,
-        "tensors": {var.name: {**qparams[var].to_dict(), "range": [float(lo), float(hi)]}
+        "tensors": {names.get(var, var.name): {**qparams[var].to_dict(),
+                                               "range": [float(lo), float(hi)]}
                     for var, (lo, hi) in ranges.items()},
         "layers": [],
     }

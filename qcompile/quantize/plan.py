@@ -185,6 +185,23 @@ def build_plan(mod, onnx_model=None, skip=(), ops=("conv2d", "matmul"),
     return Plan(layers=layers, roots=roots, int8_vars=int8_vars, producer=producer)
 
 
+def tensor_names(plan: Plan, func) -> dict:
+    """Readable names for the tensors the summary talks about.
+
+    Model inputs keep their ONNX names; a layer's output (after its fused bias
+    and activation) is ``"<layer name>:output"``; anything else is the Relax
+    var name with the op that produces it, e.g. ``"lv9 (add)"``.
+    """
+    names = {p: p.name for p in func.params}
+    for layer in plan.layers:
+        names[layer.out_var] = f"{layer.name}:output"
+    for var, binding in plan.producer.items():
+        if var not in names:
+            op = _ir.op_name(binding.value) or "value"
+            names[var] = f"{var.name} ({op.split('.')[-1]})"
+    return names
+
+
 def _trace_root(layer: Layer, producer) -> None:
     """Walk back from the layer input through transparent ops to its root."""
     from tvm import relax

@@ -173,7 +173,7 @@ def output_clip(p: QParams, activation) -> tuple[int, int]:
 
 def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bool = False,
             extra_outputs=(), weight_override=None, fake_quant: bool = False,
-            requant: str = "float"):
+            requant: str = "float", names=None):
     """The integer module for ``plan`` with activation ``qparams`` ({root var: QParams}).
 
     Returns ``(module, records)``: one summary dict per quantized layer.
@@ -182,13 +182,15 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
     ``weight_override(layer, axis)`` may return ``(q int8, scales [C])`` to use
     instead of quantizing the float weight (QDQ models bring their own).
     ``fake_quant``: float consumers of a quantized tensor read its dequantized
-    value rather than the exact float one (what a QDQ model means).
+    value rather than the exact float one (what a QDQ model means). ``names``
+    ({var: str}) names tensors in the records (default: Relax var names).
     """
     from tvm import relax
 
     layers = {l.anchor: l for l in plan.quantized()}
     absorbed = {v for l in plan.quantized() for v in (l.bias_var, l.act_var) if v is not None}
     roots = set(plan.roots)
+    names = names or {}
     fl: dict = {}   # original var -> new float expr
     qt: dict = {}   # original var -> (new int expr, QParams)
     records = []
@@ -273,7 +275,8 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         accf = None if (out in roots and requant == "fixed") else \
             bb.emit(relax.op.astype(acc, "float32"))
         record = {"name": layer.name, "op": layer.onnx_op, "kind": layer.kind, "int8": True,
-                  "input": {"tensor": layer.root.name, **p_in.to_dict()},
+                  "input": {"tensor": names.get(layer.root, layer.root.name),
+                            **p_in.to_dict()},
                   "weight": {"bits": int(np.abs(q_w).max()).bit_length() + 1,
                              "from_model": given_w is not None,
                              "per_channel": bool(len(set(s_w.tolist())) > 1 or per_channel),
@@ -294,7 +297,8 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
                     y = bb.emit(relax.op.add(y, _ir.const(np.float32(p_out.zero_point))))
                 y = bb.emit(relax.op.clip(y, _prim(lo), _prim(hi)))
             qt[out] = (bb.emit(relax.op.astype(y, p_out.dtype), name_hint=f"{out.name}_q"), p_out)
-            record["output"] = {"tensor": out.name, **p_out.to_dict(), "requantized": True}
+            record["output"] = {"tensor": names.get(out, out.name), **p_out.to_dict(),
+                                "requantized": True}
         else:
             y = bb.emit(relax.op.multiply(accf, _ir.const(acc_scale.astype(np.float32)
                                                           .reshape(bshape))))
@@ -304,7 +308,8 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
                 y = bb.emit(relax.op.clip(y, _prim(layer.activation[1]),
                                           _prim(layer.activation[2])))
             fl[out] = y
-            record["output"] = {"tensor": out.name, "dtype": "float32", "requantized": False}
+            record["output"] = {"tensor": names.get(out, out.name), "dtype": "float32",
+                                "requantized": False}
         records.append(record)
 
     def finish(bb, ret, _remap):
