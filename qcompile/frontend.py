@@ -8,8 +8,11 @@ the node and the op, never in a traceback from deep inside TVM's importer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +35,10 @@ MAX_MODEL_BYTES = 2 << 30  # protobuf's own limit for one message
 MIN_OPSET = 7  # older opsets differ in op semantics (broadcast attrs, consumed_inputs)
 # TVM indexes tensors with int32 unless told otherwise: larger inputs cannot build right.
 MAX_INPUT_ELEMENTS = (1 << 31) - 1
+# Smallest QuantizeLinear/DequantizeLinear scale taken: float32's smallest normal number.
+_MIN_SCALE = float(np.finfo(np.float32).tiny)
+# Largest: scale * (q - zero_point) must stay finite in float32 for 16-bit q.
+_MAX_SCALE = float(np.finfo(np.float32).max) / 65536
 # Ops whose initializer inputs are weights: Inf there is a broken model, not a mask.
 _WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization",
                "InstanceNormalization", "LayerNormalization"}
@@ -209,6 +216,9 @@ def check_weights(model, path: str) -> None:
         for attr in node.attribute:
             if attr.HasField("t"):
                 tensors.append((attr.t, f"node '{node.name or node.op_type}'"))
+    _check_qdq_types(model, path)
+    scales = {node.input[1] for node in model.graph.node
+              if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 1}
     for tensor, where in tensors:
         if tensor.data_type not in float_types:
             continue
@@ -225,6 +235,41 @@ def check_weights(model, path: str) -> None:
         if tensor.name in weights and np.isinf(values).any():
             raise ModelError(f"{path}: weight '{name}' holds Inf values; the model is "
                              "broken (re-export it from a healthy checkpoint)")
+        if tensor.name in scales:
+            as_f32 = np.asarray(values, dtype=np.float64)
+            ok = np.isfinite(as_f32) & (as_f32 >= _MIN_SCALE) & (as_f32 <= _MAX_SCALE)
+            if not ok.all():
+                raise ModelError(f"{path}: quantization scale '{name}' holds "
+                                 f"{as_f32[~ok].flat[0]}; scales must be positive, finite "
+                                 f"and at most {_MAX_SCALE:.3g} (re-quantize the model)")
+
+
+def _check_qdq_types(model, path: str) -> None:
+    """DequantizeLinear must take integers and QuantizeLinear floats, where the type is
+    known (graph inputs, initializers, QuantizeLinear outputs): the ONNX checker does not
+    type-check, and TVM's importer takes a float into DequantizeLinear silently."""
+    from onnx import TensorProto
+
+    floats = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16,
+              TensorProto.BFLOAT16}
+    known = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    known.update({t.name: t.data_type for t in model.graph.initializer})
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "QuantizeLinear" and node.output:
+            known[node.output[0]] = TensorProto.UINT8  # some integer type
+        elif node.op_type == "DequantizeLinear" and node.output:
+            known[node.output[0]] = TensorProto.FLOAT
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or not node.input:
+            continue
+        elem = known.get(node.input[0])
+        if elem is None or elem == 0:
+            continue
+        wants_float = node.op_type == "QuantizeLinear"
+        if (elem in floats) != wants_float:
+            raise ModelError(f"{path}: node '{node.name or f'#{index}'}' ({node.op_type}) "
+                             f"takes '{node.input[0]}' of type "
+                             f"{TensorProto.DataType.Name(elem).lower()}, but needs "
+                             f"{'a float' if wants_float else 'an integer'} tensor")
 
 
 def graph_inputs(model, overrides: dict[str, tuple[int, ...]], path: str,
@@ -294,17 +339,44 @@ def import_onnx(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]
     inputs = graph_inputs(model, dict(input_shapes or {}), path, notices)
     shape_dict = {i.name: list(i.shape) for i in inputs}
     dtype_dict = {i.name: i.dtype for i in inputs}
+    failure = None
     try:
-        mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
-                        keep_params_in_input=False)
+        # the importer prints every failing node with its inputs (pages of IR) to stdout
+        with contextlib.redirect_stdout(io.StringIO()):
+            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
+                            keep_params_in_input=False)
         # Inference-mode BatchNorm and friends become plain arithmetic.
         mod = relax.transform.DecomposeOpsForInference()(mod)
     except Exception as exc:
-        raise ModelError(f"{path}: TVM's ONNX importer failed: {_first_line(exc)}") from None
+        failure = f"{path}: TVM's ONNX importer failed: {_first_line(exc)}"
+    if failure is not None:
+        _discard_failed_import()
+        raise ModelError(failure)
     outputs = _relax_outputs(mod, model, path)
     return ImportedModel(mod=mod, inputs=inputs, outputs=outputs, onnx_model=model,
                          path=path, sha256=sha256_file(path), opset=model_opset(model),
                          notices=notices)
+
+
+def _discard_failed_import() -> None:
+    """Free what a failed import left behind now, with C++ stderr muted: TVM's
+    BlockBuilder, abandoned mid-function, warns "destroyed with remaining blocks" from
+    its destructor, which would otherwise print after qcompile's one-line error."""
+    import gc
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        gc.collect()
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            gc.collect()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _relax_outputs(mod, model, path: str) -> list[TensorInfo]:

@@ -22,6 +22,9 @@ Categories (``Item.category``):
 * ``artifact``: tampered artifact directories, fed to ``qcompile measure DIR``.
 * ``target``: bad target descriptor TOML files (``compile --target FILE``).
 * ``report``: bad ``report.json`` files (``qcompile report DIR``, which re-renders).
+* ``qdq``: already-quantized QDQ models (made with onnxruntime's quantize_static) with
+  zero, negative, NaN, Inf, denormal or huge scales, mismatched zero points and axes
+  (``compile --quantize int8``).
 
 ``Item.expect`` is ``"error"`` (must end in exit 2 and a one-line
 ``qcompile: error:`` naming ``Item.names``), or ``"any"`` for mutations that
@@ -918,6 +921,85 @@ def _target_items(c: _Corpus, seed: int):
                              "-o", "{out}/artifact", "--quantize", "none"], str(path)))
 
 
+# --------------------------------------------------------------------------- qdq items
+def _qdq_items(c: _Corpus, seed: int):
+    """Already-quantized (QDQ) models with broken quantization parameters, through
+    ``compile --quantize int8`` (the model's own scales: no calibration)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    try:
+        from onnxruntime import quantization
+    except ImportError:  # onnxruntime is a test dependency; without it, no QDQ items
+        return
+    import logging
+
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's pre-processing hints
+    work = c.root / "corpus" / "qdq-seeds"
+    work.mkdir(parents=True, exist_ok=True)
+    bases = {}
+    for name in ("conv_bn_relu", "gemm"):
+        model = ob.BUILDERS[name](seed)
+        src, dst = work / f"{name}.onnx", work / f"{name}_qdq.onnx"
+        src.write_bytes(model.SerializeToString())
+        feeds = [ob.random_inputs(model, seed=seed + i) for i in range(4)]
+
+        class Reader(quantization.CalibrationDataReader):
+            def __init__(self):
+                self.items = iter(feeds)
+
+            def get_next(self):
+                return next(self.items, None)
+
+        quantization.quantize_static(str(src), str(dst), Reader(), per_channel=True,
+                                     quant_format=quantization.QuantFormat.QDQ)
+        bases[name] = onnx.load(str(dst))
+
+    def add(kind, model, expect="error"):
+        item_id = c.new_id("qdq", kind)
+        path = c.dir_for(item_id) / "model.onnx"
+        path.write_bytes(model.SerializeToString())
+        c.items.append(Item(item_id, "qdq", kind, str(path),
+                            ["compile", str(path), "-o", "{out}/artifact", "--quantize",
+                             "int8"], str(path), expect))
+
+    def with_inits(base, pick, change):
+        m = copy.deepcopy(base)
+        for t in m.graph.initializer:
+            if pick(t.name):
+                t.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(t).copy()),
+                                                   t.name))
+        return m
+
+    for name, base in bases.items():
+        for label, value in (("zero", 0.0), ("negative", -0.5), ("nan", np.nan),
+                             ("inf", np.inf), ("denormal", 1e-45), ("huge", 3e38)):
+            add(f"{name}-act-scale-{label}", with_inits(
+                base, lambda n: n == "input_scale", lambda a, v=value: np.full_like(a, v)))
+            add(f"{name}-weight-scale-{label}", with_inits(
+                base, lambda n: n.endswith("weight_scale"),
+                lambda a, v=value: np.full_like(a, v)))
+        add(f"{name}-zero-point-int32", with_inits(
+            base, lambda n: n == "input_zero_point", lambda a: a.astype(np.int32)))
+        add(f"{name}-weight-zero-point-short", with_inits(
+            base, lambda n: n.endswith("weight_zero_point"), lambda a: a[:-1]))
+        add(f"{name}-weight-scale-short", with_inits(
+            base, lambda n: n.endswith("weight_scale"), lambda a: a[:-1]))
+        m = copy.deepcopy(base)
+        for node in m.graph.node:
+            for attr in node.attribute:
+                if node.op_type == "DequantizeLinear" and attr.name == "axis":
+                    attr.i = 7
+        add(f"{name}-axis-out-of-range", m)
+        m = copy.deepcopy(base)
+        for node in m.graph.node:
+            if node.op_type == "QuantizeLinear":
+                node.op_type = "DequantizeLinear"
+                break
+        add(f"{name}-quantize-swapped", m)
+        add(f"{name}-weights-wrapped", with_inits(
+            base, lambda n: n.endswith("weight_quantized"), lambda a: (a.astype(np.int16) + 128).astype(a.dtype)),
+            "any")
+
+
 # --------------------------------------------------------------------------- report items
 def _report_items(c: _Corpus):
     """Bad report.json files for ``qcompile report DIR`` (re-render)."""
@@ -979,6 +1061,7 @@ def generate(root: str | os.PathLike, seed: int = 0) -> list[Item]:
     _artifact_items(c)
     _target_items(c, seed)
     _report_items(c)
+    _qdq_items(c, seed)
     (root / "corpus" / "index.json").write_text(json.dumps([i.to_dict() for i in c.items],
                                                            indent=1))
     return c.items
