@@ -300,3 +300,53 @@ def test_bias_correction_removes_mean_output_shift(tmp_path):
                               for f in tests])
         sqnr[bc] = _sqnr(ref, got)
     assert sqnr[True] > sqnr[False] + 3, sqnr
+
+
+def _concat_conv_model():
+    """Two conv+relu branches -> Concat -> MaxPool -> Conv: the concat can run on int8."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def w(name, shape):
+        fan_in = int(np.prod(shape[1:]))
+        return numpy_helper.from_array((rng.normal(size=shape) * np.sqrt(2 / fan_in))
+                                       .astype(np.float32), name)
+
+    inits = [w("wa", (8, 4, 1, 1)), w("wb", (8, 4, 3, 3)), w("wc", (8, 16, 3, 3)),
+             numpy_helper.from_array(rng.normal(size=8).astype(np.float32) * 0.1, "ba")]
+    nodes = [
+        helper.make_node("Conv", ["input", "wa", "ba"], ["a"], name="branch_a"),
+        helper.make_node("Relu", ["a"], ["ra"], name="relu_a"),
+        helper.make_node("Conv", ["input", "wb"], ["b"], name="branch_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["rb"], name="relu_b"),
+        helper.make_node("Concat", ["ra", "rb"], ["cat"], name="concat", axis=1),
+        helper.make_node("MaxPool", ["cat"], ["pool"], name="pool", kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Conv", ["pool", "wc"], ["output"], name="head", pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "concat_conv",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 8, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_concat_of_quantized_branches_runs_on_int8(tmp_path):
+    model = _concat_conv_model()
+    imported = import_onnx(save_model(model, tmp_path, "concat_conv"))
+    calib = [random_inputs(model, seed=s) for s in range(8)]
+    result = quantize_model(imported, calib, QuantConfig(sqnr=False, progress=False), SPEC)
+    text = result.mod.script(show_meta=False)
+    assert re.search(r'dtype="uint8"\) = R\.concat\(', text), text
+    assert re.search(r'dtype="uint8"\) = R\.nn\.max_pool2d\(', text)
+    # both branches requantize straight to the concat's scale
+    outs = [l["output"] for l in result.summary["layers"][:2]]
+    assert outs[0]["scale"] == outs[1]["scale"] and all(o["requantized"] for o in outs)
+    feeds = random_inputs(model, seed=50)
+    got = run_vm(vm_for(result.mod), feeds["input"])
+    assert _sqnr(run_onnxruntime(model, feeds)[0], got) > 25

@@ -61,6 +61,14 @@ class Plan:
     roots: list           # unique root vars, in order
     int8_vars: set        # roots and transparent vars carried in int8
     producer: dict        # var -> binding
+    # int8 concat: concat root var -> its input vars, each quantized (or requantized
+    # by its producing layer) straight to the concat's parameters
+    concats: dict = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)  # concat input var -> concat root var
+
+    def params_root(self, var):
+        """The root whose quantization parameters ``var`` uses."""
+        return self.shared.get(var, var)
 
     def quantized(self) -> list[Layer]:
         return [l for l in self.layers if l.quantize]
@@ -176,13 +184,41 @@ def build_plan(mod, onnx_model=None, skip=(), ops=("conv2d", "matmul"),
             roots.append(layer.root)
         int8_vars.add(layer.root)
         int8_vars.update(layer.chain)
+    concats, shared = {}, {}
     if given is not None:
         inside = {v for l in layers if l.quantize for v in l.vars if not v.same_as(l.out_var)}
         for var in given:
             if var not in int8_vars and var not in inside:
                 roots.append(var)
                 int8_vars.add(var)
-    return Plan(layers=layers, roots=roots, int8_vars=int8_vars, producer=producer)
+    else:
+        _int8_concats(roots, int8_vars, producer, _ir.use_map(func), concats, shared)
+    return Plan(layers=layers, roots=roots, int8_vars=int8_vars, producer=producer,
+                concats=concats, shared=shared)
+
+
+def _int8_concats(roots, int8_vars, producer, uses, concats, shared) -> None:
+    """Roots that are a concat of float tensors used nowhere else in int8: run the
+    concat itself on int8, with every input quantized to the concat's parameters
+    (a producing layer requantizes to them in its epilogue)."""
+    from tvm import relax
+
+    for root in list(roots):
+        binding = producer.get(root)
+        if binding is None or _ir.op_name(binding.value) != "relax.concat":
+            continue
+        fields = getattr(binding.value.args[0], "fields", None)
+        if not fields or not all(isinstance(f, relax.Var) and _ir.tensor_dtype(f) == "float32"
+                                 for f in fields):
+            continue
+        if len({f for f in fields}) != len(fields):
+            continue  # the same tensor twice
+        if any(f in int8_vars or f in shared for f in fields):
+            continue  # already quantized with parameters of its own
+        concats[root] = list(fields)
+        for f in fields:
+            shared[f] = root
+            int8_vars.add(f)
 
 
 def tensor_names(plan: Plan, func) -> dict:

@@ -206,8 +206,8 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         return _ir.substitute(expr, remap)
 
     def quantize_root(bb, var):
-        if var in roots and var not in qt:
-            p = qparams[var]
+        if (var in roots or var in plan.shared) and var not in qt:
+            p = qparams[plan.params_root(var)]
             qt[var] = (emit_quantize(bb, fl[var], p, name=f"{var.name}_q"), p)
             if fake_quant:
                 del fl[var]
@@ -224,7 +224,14 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         if var in layers:
             emit_layer(bb, layers[var])
             return
-        if var in plan.int8_vars and var not in roots:
+        if var in plan.concats:
+            call = binding.value
+            parts = [qt[f][0] for f in plan.concats[var]]
+            qt[var] = (bb.emit(relax.Call(call.op, [relax.Tuple(parts)], call.attrs,
+                                          call.ty_args), name_hint=f"{var.name}_q"),
+                       qparams[var])
+            return
+        if var in plan.int8_vars and var not in roots and var not in plan.shared:
             call = binding.value
             q, p = qt[call.args[0]]
             rest = [float_expr(bb, a) for a in call.args[1:]]
@@ -272,7 +279,7 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         if np.any(bias_q != 0):
             acc = bb.emit(relax.op.add(acc, _ir.const(bias_q.reshape(bshape), "int32")))
         out = layer.out_var
-        accf = None if (out in roots and requant == "fixed") else \
+        accf = None if ((out in roots or out in plan.shared) and requant == "fixed") else \
             bb.emit(relax.op.astype(acc, "float32"))
         record = {"name": layer.name, "op": layer.onnx_op, "kind": layer.kind, "int8": True,
                   "input": {"tensor": names.get(layer.root, layer.root.name),
@@ -283,8 +290,8 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
                              "scale": [float(s) for s in s_w]},
                   "activation": layer.activation[0] if layer.activation else None,
                   "groups": int(layer.call.attrs.groups) if layer.kind == "conv2d" else 1}
-        if out in roots:
-            p_out = qparams[out]
+        if out in roots or out in plan.shared:
+            p_out = qparams[plan.params_root(out)]
             lo, hi = output_clip(p_out, layer.activation)
             if requant == "fixed":
                 y = emit_requant_fixed(bb, acc, acc_scale / p_out.scale, bshape,
