@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import BuildError, QCompileError
+from .errors import BuildError, InputError, QCompileError
 from .frontend import ImportedModel, TensorInfo, sha256_file
 from .target import TargetSpec, get_target
 
@@ -100,7 +100,26 @@ def _quantize(imported, calib, quant_config, spec, say):
     result = quantize_model(imported, calib, config, spec)
     summary = dict(result.summary)
     summary.setdefault("mode", "int8")
+    _check_quant_params(summary, getattr(calib, "source", None) or calib or imported.path)
     return result.mod, summary
+
+
+def _check_quant_params(summary: dict, source) -> None:
+    """Refuse a quantization whose ranges or scales are not finite: calibration data
+    that overflows float32 in some activation gives a module that computes garbage."""
+    import math
+
+    tensors = summary.get("tensors")
+    if not isinstance(tensors, dict):
+        return
+    for name, info in tensors.items():
+        if not isinstance(info, dict):
+            continue
+        values = [info.get("scale"), *(info.get("range") or [])]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise InputError(f"{source}: calibration gives tensor '{name}' the range "
+                             f"{info.get('range')} (scale {info.get('scale')}): activations "
+                             "overflow float32; check the data's scale and preprocessing")
 
 
 def _tuning_database(mod, spec, tuning_log, say):

@@ -160,7 +160,7 @@ def _onnx_bytes_items(c: _Corpus, seeds: dict[str, onnx.ModelProto]):
         _add_model(c, "truncated", blob[:cut], "any" if cut > len(blob) * 0.98 else "error",
                    note=f"{name} cut at {cut}/{len(blob)}")
     # bit flips: 1-16 random bits; some land in weights and give a valid model
-    for i in range(24):
+    for i in range(40):
         name = names[i % len(names)]
         data = bytearray(blobs[name])
         flips = rng.choice([1, 1, 2, 4, 16])
@@ -169,7 +169,7 @@ def _onnx_bytes_items(c: _Corpus, seeds: dict[str, onnx.ModelProto]):
             data[pos] ^= 1 << rng.randrange(8)
         _add_model(c, "bitflip", data, "any", note=f"{name} with {flips} flipped bits")
     # header-area flips: the first 64 bytes hold ir_version, opset, producer, graph start
-    for i in range(6):
+    for i in range(10):
         name = names[i % len(names)]
         data = bytearray(blobs[name])
         for _ in range(3):
@@ -646,7 +646,12 @@ def _npz_items(c: _Corpus, seed: int):
     model_id = c.new_id("calib", "base-model")
     model_path = c.dir_for(model_id) / "gemm.onnx"
     model_path.write_bytes(ob.gemm_model(seed).SerializeToString())
-    for kind, payload in _bad_npz_payloads(rng).items():
+    calib_only = {  # data that is well formed but breaks calibration
+        "overflow": _npz_bytes(input=np.full((8, 32), 3e38, np.float32)),
+        "constant": _npz_bytes(input=np.zeros((8, 32), np.float32)),
+        "denormal": _npz_bytes(input=np.full((8, 32), 1e-42, np.float32)),
+    }
+    for kind, payload in {**_bad_npz_payloads(rng), **calib_only}.items():
         if kind.startswith("labels"):
             continue
         item_id = c.new_id("calib-npz", kind)
@@ -655,10 +660,12 @@ def _npz_items(c: _Corpus, seed: int):
         c.items.append(Item(item_id, "calib-npz", kind, str(path),
                             ["compile", str(model_path), "-o", "{out}/artifact",
                              "--quantize", "int8", "--calib", str(path)],
-                            str(path), "any" if kind == "too-few-samples" else "error",
+                            str(path), "any" if kind in ("too-few-samples", "constant",
+                                                         "denormal") else "error",
                             needs="quantize",
-                            note="calibration may use a partial batch" if
-                            kind == "too-few-samples" else ""))
+                            note="calibration may use a partial batch, and a zero range is "
+                                 "well defined" if kind in ("too-few-samples", "constant",
+                                                            "denormal") else ""))
 
 
 # --------------------------------------------------------------------------- tuning items
