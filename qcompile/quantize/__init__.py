@@ -44,11 +44,16 @@ __all__ = ["QuantConfig", "QuantResult", "quantize_model", "load_calibration", "
 
 @dataclass
 class QuantConfig:
-    """How to quantize. Defaults: min-max ranges, per-channel symmetric int8 weights,
+    """How to quantize. Defaults: 99.99th-percentile ranges, per-channel symmetric int8 weights,
     asymmetric uint8 activations, conv2d and matmul quantized, 7-bit weights where
     the target asks for it (``reduce_range=None`` = the target's own setting)."""
 
-    method: str = "minmax"            # minmax | percentile | entropy | mse
+    # minmax | percentile | entropy | mse. Percentile is the default: measured top-1
+    # agreement with float on the bundled CNN's 2000 slice 99.60 % (minmax 99.55, mse 99.55,
+    # entropy 98.30; ORT quantize_static 99.35; benchmarks/quant_accuracy.py) and
+    # MobileNetV2 logit SQNR on 14 photos, 8-bit weights: 18.9 dB (minmax 16.2, mse 17.7,
+    # entropy 14.6; ORT quantize_static 13.9)
+    method: str = "percentile"
     percentile: float = 99.99         # for method="percentile"
     per_channel: bool = True          # weights: per output channel (else per tensor)
     act_dtype: str = "uint8"          # uint8 (asymmetric) | int8 (symmetric)
