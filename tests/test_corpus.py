@@ -87,6 +87,13 @@ def _worker() -> None:  # pragma: no cover - runs in the subprocess
         sys.stderr.flush()
         # stderr stays on fd 2 (a file the parent reads), so Python's and TVM's C++
         # messages keep their order, as a user's terminal shows them
+        selftest = request.get("selftest")  # the harness's own test: crash or hang here
+        if selftest == "segfault":
+            import ctypes
+
+            ctypes.string_at(0)
+        elif selftest == "hang":
+            time.sleep(3600)
         with contextlib.redirect_stdout(out):
             try:
                 rc = main(request["argv"])
@@ -176,9 +183,10 @@ class Worker:
             f.seek(start)
             return f.read().decode(errors="replace")
 
-    def run(self, item_id: str, argv: list[str], timeout: float) -> dict:
+    def run(self, item_id: str, argv: list[str], timeout: float, selftest: str = "") -> dict:
         start = self.stderr_path.stat().st_size
-        self.proc.stdin.write((json.dumps({"id": item_id, "argv": argv}) + "\n").encode())
+        self.proc.stdin.write((json.dumps({"id": item_id, "argv": argv,
+                                           "selftest": selftest}) + "\n").encode())
         self.proc.stdin.flush()
         result = self._read(timeout)
         if result == "timeout":
@@ -342,6 +350,34 @@ def test_corpus(tmp_path, capsys):
     assert not outside, "files written outside the output dir:\n" + "\n".join(outside[:30])
     assert not failures, "\n".join(f"{k}: {v}" for k, v in list(failures.items())[:40]) + \
         f"\n({len(failures)} failing items)"
+
+
+def test_harness_counts_crashes_and_hangs(tmp_path):
+    """The figure is only worth something if a crash and a hang are seen: a worker that
+    segfaults or stops answering is recorded as such and replaced, and the next item
+    runs in the new worker."""
+    from types import SimpleNamespace
+
+    for sub in ("out", "tmp", "home", "cwd"):
+        (tmp_path / sub).mkdir()
+    worker = Worker(tmp_path)
+    try:
+        crashed = worker.run("crash", ["targets"], 60, selftest="segfault")
+        assert crashed["status"] == "crash" and crashed["signal"] == signal.SIGSEGV
+        # faulthandler (or TVM's own handler, which takes over SIGSEGV) says where
+        assert "Fatal Python error" in crashed["stderr"] or \
+            "Segfault encountered" in crashed["stderr"], crashed["stderr"][-500:]
+        worker = Worker(tmp_path)
+        hung = worker.run("hang", ["targets"], 2, selftest="hang")
+        assert hung["status"] == "hang" and not worker.alive()
+        worker = Worker(tmp_path)
+        fine = worker.run("after", ["compile", str(tmp_path / "none.onnx"), "-o",
+                                    str(tmp_path / "out" / "a")], 60)
+    finally:
+        worker.close()
+    item = SimpleNamespace(expect="error", names=str(tmp_path / "none.onnx"))
+    assert check_result(item, fine) == [], fine
+    assert check_result(item, crashed) and check_result(item, hung)
 
 
 if __name__ == "__main__":
