@@ -200,3 +200,11 @@ def test_calibration_rechunked_to_static_batch(tmp_path):
                             QuantConfig(method="minmax", sqnr=False, progress=False), SPEC)
     assert result.summary["calibration"]["samples"] == 6
     assert result.summary["tensors"]["input"]["range"] == pytest.approx([x.min(), 9.0])
+
+
+def test_calibration_overflowing_the_float_model_is_an_input_error(tmp_path):
+    model = BUILDERS["gemm"](0)
+    imported = import_onnx(save_model(model, tmp_path, "gemm"))
+    huge = [{"input": np.full((4, 32), 3e38, np.float32)}]  # finite, but the model overflows
+    with pytest.raises(InputError, match=r"Inf or NaN at tensor .*preprocessing"):
+        quantize_model(imported, huge, QuantConfig(progress=False), SPEC)

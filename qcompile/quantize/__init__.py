@@ -238,7 +238,10 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         _add_sqnr(result, spec, kept, imported.inputs, config)
     elif qdq and config.sqnr and data is not None and plan.quantized():
         _add_qdq_sqnr(result, imported, spec, data, config)
-    if config.max_accuracy_drop is not None:
+    if config.max_accuracy_drop is not None and qdq:
+        summary["fallback"] = {"max_accuracy_drop": config.max_accuracy_drop,
+                               "skipped": "a QDQ model's own quantization is kept as given"}
+    elif config.max_accuracy_drop is not None:
         from .sensitivity import fallback_search
 
         fallback_search(result, imported, data, config, spec, reduce_range)

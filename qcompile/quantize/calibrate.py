@@ -294,8 +294,16 @@ def calibrate(mod, plan, spec, calib, inputs, observer_factory, progress=None, e
     state = {"samples": 0}
     first_mean = 1 + len(roots) + len(extra)
 
+    source = getattr(calib, "source", "calibration data")
+
     def on_batch(arrays, valid, feed):
         for var, array in zip(roots, arrays[1:1 + len(roots)]):
+            if not np.all(np.isfinite(array)):
+                largest = max(float(np.max(np.abs(feed[i.name]))) for i in inputs)
+                raise InputError(
+                    f"{source}: the float model computes Inf or NaN at tensor '{var.name}' "
+                    f"on this calibration data (largest input magnitude {largest:.3g}); "
+                    "check the preprocessing (scale, normalization) of the data")
             observers[var].update(array)
         for var, array in zip(mean_vars, arrays[first_mean:]):
             axis = channel_means[var] % array.ndim
