@@ -97,10 +97,20 @@ def _quantize(imported, calib, quant_config, spec, say):
                             "use --quantize none") from None
     config = quant_config if quant_config is not None else QuantConfig()
     say(f"quantizing {imported.name} to int8 for {spec.name} ...")
-    result = quantize_model(imported, calib, config, spec)
+    source = getattr(calib, "source", None) or calib or imported.path
+    try:
+        result = quantize_model(imported, calib, config, spec)
+    except ValueError as exc:
+        # activations that overflow float32 reach the observers as +-inf; numpy's
+        # histogram then refuses the range ("... is not finite")
+        if "finite" not in str(exc):
+            raise
+        raise InputError(f"{source}: calibration gives non-finite activations "
+                         f"({str(exc).splitlines()[0][:200]}): they overflow float32; "
+                         "check the data's scale and preprocessing") from None
     summary = dict(result.summary)
     summary.setdefault("mode", "int8")
-    _check_quant_params(summary, getattr(calib, "source", None) or calib or imported.path)
+    _check_quant_params(summary, source)
     return result.mod, summary
 
 

@@ -28,6 +28,16 @@ target this machine runs), or a path to a target .toml file.
 """
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -94,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(meas)
     meas.add_argument("--data", metavar="NPZ", help=".npz evaluation data: one array per "
                       "input (samples on axis 0), optional 'labels'")
-    meas.add_argument("--limit", type=int, help="evaluate at most N samples")
+    meas.add_argument("--limit", type=_positive_int, help="evaluate at most N samples")
     meas.add_argument("--out", default="qcompile-report", metavar="DIR",
                       help="report directory (default: ./qcompile-report)")
     meas.add_argument("--rpc", metavar="HOST:PORT", help="measure on a TVM RPC server")
@@ -102,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "board from (with --rpc-key)")
     meas.add_argument("--rpc-key", metavar="KEY", help="board key at the tracker (default: "
                       "the target's rpc_key)")
-    meas.add_argument("--repeat", type=int, default=50, help="timed repeats (default 50)")
-    meas.add_argument("--threads", type=int, help="runtime threads on the device")
+    meas.add_argument("--repeat", type=_positive_int, default=50,
+                      help="timed repeats (default 50)")
+    meas.add_argument("--threads", type=_positive_int, help="runtime threads on the device")
     meas.add_argument("--emulated", action="store_true",
                       help="label timings as emulated (board under qemu)")
     _add_quant_options(meas, "both")
@@ -177,6 +188,9 @@ def cmd_measure(args) -> int:
     from .measure import MeasureOptions, measure
     from .target import get_target
 
+    if args.rpc and args.rpc_tracker:  # measure would quietly use --rpc alone
+        raise QCompileError("give either --rpc HOST:PORT or --rpc-tracker HOST:PORT "
+                            "(with --rpc-key), not both")
     calib = args.calib
     quant_config = None
     if not os.path.isdir(args.model) and args.quantize in ("int8", "both"):

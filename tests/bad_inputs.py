@@ -21,6 +21,8 @@ Categories (``Item.category``):
   meaningful where ``qcompile.tune`` exists.
 * ``artifact``: tampered artifact directories, fed to ``qcompile measure DIR``.
 * ``target``: bad target descriptor TOML files (``compile --target FILE``).
+* ``options``: bad option values (``--repeat 0``, ``--rpc nonsense``, ``--input-shape
+  input:4x0`` ...); the error must name the option or the value.
 * ``report``: bad ``report.json`` files (``qcompile report DIR``, which re-renders).
 * ``qdq``: already-quantized QDQ models (made with onnxruntime's quantize_static) with
   zero, negative, NaN, Inf, denormal or huge scales, mismatched zero points and axes
@@ -1007,6 +1009,45 @@ def _qdq_items(c: _Corpus, seed: int):
             "any")
 
 
+# --------------------------------------------------------------------------- option items
+def _option_items(c: _Corpus, seed: int):
+    """Bad option values on the command line (argparse or qcompile must say which)."""
+    art_id = c.new_id("options", "base-artifact")
+    artifact = _fake_artifact(c.dir_for(art_id) / "artifact")
+    model_id = c.new_id("options", "base-model")
+    model = c.dir_for(model_id) / "gemm.onnx"
+    model.write_bytes(ob.gemm_model(seed).SerializeToString())
+    measure = ["measure", str(artifact), "--out", "{out}/report"]
+    compile_ = ["compile", str(model), "-o", "{out}/artifact", "--quantize", "none"]
+    cases = [
+        ("repeat-zero", measure + ["--repeat", "0"], "--repeat"),
+        ("repeat-negative", measure + ["--repeat", "-3"], "--repeat"),
+        ("repeat-text", measure + ["--repeat", "many"], "--repeat"),
+        ("limit-zero", measure + ["--limit", "0"], "--limit"),
+        ("limit-negative", measure + ["--limit", "-2"], "--limit"),
+        ("threads-zero", measure + ["--threads", "0"], "--threads"),
+        ("rpc-no-port", measure + ["--rpc", "nonsense"], "nonsense"),
+        ("rpc-port-zero", measure + ["--rpc", "127.0.0.1:0"], "127.0.0.1:0"),
+        ("rpc-port-huge", measure + ["--rpc", "127.0.0.1:99999"], "127.0.0.1:99999"),
+        ("rpc-scheme", measure + ["--rpc", "http://127.0.0.1:9090"], "http://127.0.0.1:9090"),
+        ("rpc-and-tracker", measure + ["--rpc", "127.0.0.1:9", "--rpc-tracker",
+                                       "127.0.0.1:9", "--rpc-key", "k"], "--rpc"),
+        ("tracker-nothing-there", measure + ["--rpc-tracker", "127.0.0.1:9"],
+         "127.0.0.1:9"),
+        ("input-shape-zero", compile_ + ["--input-shape", "input:4x0"], "input:4x0"),
+        ("input-shape-no-name", compile_ + ["--input-shape", ":4x32"], ":4x32"),
+        ("input-shape-text", compile_ + ["--input-shape", "input:axb"], "input:axb"),
+        ("input-shape-unknown-input", compile_ + ["--input-shape", "nope:4x32"], "nope"),
+        ("input-shape-wrong-rank", compile_ + ["--input-shape", "input:4x32x1"], "input"),
+        ("input-shape-fixed-dim", compile_ + ["--input-shape", "input:5x32"], "input"),
+        ("target-unknown", compile_ + ["--target", "no-such-target"], "no-such-target"),
+        ("quantize-bogus", compile_[:-2] + ["--quantize", "int4"], "--quantize"),
+    ]
+    for kind, argv, names in cases:
+        item_id = c.new_id("options", kind)
+        c.items.append(Item(item_id, "options", kind, names, argv, names))
+
+
 # --------------------------------------------------------------------------- report items
 def _report_items(c: _Corpus):
     """Bad report.json files for ``qcompile report DIR`` (re-render)."""
@@ -1069,6 +1110,7 @@ def generate(root: str | os.PathLike, seed: int = 0) -> list[Item]:
     _target_items(c, seed)
     _report_items(c)
     _qdq_items(c, seed)
+    _option_items(c, seed)
     (root / "corpus" / "index.json").write_text(json.dumps([i.to_dict() for i in c.items],
                                                            indent=1))
     return c.items

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -300,7 +301,8 @@ def check_result(item, result) -> list[str]:
         problems.append(f"exit code {rc} (expected 2); stderr: {stderr[-600:]}")
         return problems
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("qcompile: error:")]
+    # qcompile's own errors, or argparse's ("qcompile measure: error: argument ...")
+    errors = [ln for ln in lines if re.match(r"qcompile( [a-z]+)?: error: ", ln)]
     if len(errors) != 1 or lines[-1] != errors[0]:
         problems.append(f"not one final 'qcompile: error:' line: {stderr[-800:]!r}")
     elif item.names not in errors[0]:
