@@ -283,21 +283,27 @@ def conv2d_depthwise_packed(x, wp, stride, pad, dil, lanes, out_dtype):
         return tirx.if_then_else(valid, x[b, tirx.min(ch, c - 1), i - pt, j - pl],
                                  tirx.const(0, x.dtype))
 
-    xp = te.compute((n, cb, h + pt + pb, w + pl + pr, lanes), _xval, name="pack_nchwc")
+    # int8 -> int32 in float32 arithmetic: every product and partial sum is an integer of
+    # magnitude < kh*kw*255*128 < 2**24 (checked by the caller), so float32 is exact and
+    # the kernel runs on FMA lanes instead of 32-bit integer multiplies.
+    acc = "float32" if out_dtype == "int32" else out_dtype
+    xp = te.compute((n, cb, h + pt + pb, w + pl + pr, lanes),
+                    lambda *idx: _xval(*idx).astype(acc), name="pack_nchwc")
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
     conv = te.compute(
         (n, cb * lanes, oh, ow),
         lambda b, o, i, j: te.sum(
             xp[b, o // lanes, i * stride[0] + rh * dil[0], j * stride[1] + rw * dil[1],
-               o % lanes].astype(out_dtype)
-            * wp[o // lanes, rh, rw, o % lanes].astype(out_dtype),
+               o % lanes]
+            * wp[o // lanes, rh, rw, o % lanes].astype(acc),
             axis=[rh, rw]),
         name="conv2d_dw_packed",
         attrs={KERNEL_ATTR: "conv2d_dw_packed", INTRIN_ATTR: "none", LANES_ATTR: lanes})
-    if cb * lanes == c:
+    if cb * lanes == c and acc == out_dtype:
         return conv
-    return te.compute((n, c, oh, ow), lambda b, o, i, j: conv[b, o, i, j], name="conv2d_slice")
+    return te.compute((n, c, oh, ow), lambda b, o, i, j: conv[b, o, i, j].astype(out_dtype),
+                      name="conv2d_slice")
 
 
 def matmul_packed_float(a, bp, n_out, lanes, out_dtype):
@@ -437,10 +443,13 @@ def _make_mutator(plan: LayoutPlan):
             bb = self.builder_
             if plan.float_lanes == 0 and (is_float or groups != 1):
                 return None  # GPU: only the packed int8 kernels are ours
-            if groups == xshape[1] == o and w.shape[1] == 1 and plan.float_lanes:
+            exact_f32 = is_float or w.shape[2] * w.shape[3] * 255 * 128 < 2 ** 24
+            if groups == xshape[1] == o and w.shape[1] == 1 and plan.float_lanes and exact_f32:
                 lanes = _float_lanes(plan.float_lanes, o) if is_float else plan.float_lanes
-                return bb.call_te(conv2d_depthwise_packed, x,
-                                  relax.const(pack_depthwise_weight(w, lanes)), stride, pad,
+                wdw = pack_depthwise_weight(w, lanes)
+                if not is_float:
+                    wdw = wdw.astype(np.float32)  # exact: int8 values
+                return bb.call_te(conv2d_depthwise_packed, x, relax.const(wdw), stride, pad,
                                   dil, lanes, out_dtype, primfunc_name_hint="conv2d_dw_packed")
             if groups != 1:
                 return bb.call_te(conv2d_spatial, x, relax.const(w), stride, pad, dil, groups,

@@ -333,3 +333,13 @@ def test_cuda_int8_kernels_use_dp4a(target):
     fconv = conv_module((1, 8, 10, 10), wf, 1, 1, 1,
                         bias=rng.standard_normal((1, 16, 1, 1)).astype(np.float32))
     assert "__global__" in _cuda_source(_compile(fconv, target))
+
+
+def test_int8_depthwise_extreme_values_exact():
+    """int8 depthwise runs in float32 lanes: exact for the largest possible sums."""
+    x = np.full((1, 16, 9, 9), 255, np.uint8)
+    w = np.full((16, 1, 3, 3), -128, np.int8)
+    w[::2] = 127
+    mod = conv_module(x.shape, w, 1, 1, 16, x_dtype="uint8", epilogue=None, out_dtype="int32")
+    got = _run(_compile(mod), x)
+    np.testing.assert_array_equal(got, np_conv2d(x, w, 1, 1, 16, acc=np.int64).astype(np.int32))
