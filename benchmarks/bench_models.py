@@ -325,7 +325,8 @@ def _fmt(v):
 
 def write_report(rows, args):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench_models.json").write_text(json.dumps(rows, indent=1))
+    stem = "bench_models" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     cpu = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -363,15 +364,15 @@ def write_report(rows, args):
                   "; ".join(comp)]
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]
-    (RESULTS / "bench_models.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     try:
-        _plot(rows)
+        _plot(rows, RESULTS / f"{stem}.png")
     except Exception as exc:  # noqa: BLE001
         print(f"no chart: {exc}", file=sys.stderr)
     print("\n".join(lines))
 
 
-def _plot(rows):
+def _plot(rows, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,7 +393,7 @@ def _plot(rows):
     ax.legend(fontsize=8)
     ax.set_title("qcompile (untuned) vs ONNX Runtime")
     fig.tight_layout()
-    fig.savefig(RESULTS / "bench_models.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None):
@@ -401,6 +402,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--target", default="host")
+    p.add_argument("--tag", default="", help="suffix of the result files (bench_models_<tag>.md)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:

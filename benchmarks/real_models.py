@@ -127,14 +127,14 @@ class _Reader:
         return next(self.items, None)
 
 
-def ort_quantize_static(src, dst, calib_feeds):
+def ort_quantize_static(src, dst, calib_feeds, op_types=None):
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
 
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib_feeds)
     quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    reduce_range=False)
+                    reduce_range=False, op_types_to_quantize=op_types)
 
 
 def ort_quantize_dynamic(src, dst):
@@ -339,6 +339,14 @@ def evaluate_model(name, spec, methods, configs, tmp, log=print, models_dir=MODE
 
         add("ORT int8 static (QDQ, per-channel, MinMax)", ort_static)
         if kind == "text":
+            mpath = Path(tmp) / f"{name}_ort_static_matmul.onnx"
+
+            def ort_static_matmul():
+                t0 = time.perf_counter()
+                ort_quantize_static(path, mpath, calib_feeds, op_types=["MatMul"])
+                return ort_run(mpath, eval_feeds), {"quantize_s": time.perf_counter() - t0}
+
+            add("ORT int8 static, MatMul only (QDQ, per-channel, MinMax)", ort_static_matmul)
             dpath = Path(tmp) / f"{name}_ort_dynamic.onnx"
 
             def ort_dynamic():

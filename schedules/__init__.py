@@ -3,10 +3,24 @@
 Installed as ``qcompile.schedules``. ``default_schedule_passes(spec, target)``
 returns the passes that schedule every fused kernel no tuning record covers.
 
-* ``cpu``    default CPU rules (packed conv2d/matmul micro-kernels, float and int8,
-             with fused epilogues; dlight GEMV/Reduction; parallel+vectorize fallback).
-* ``intrin`` the int8 L x 4 dot-product tile and its registry (lazy).
-* ``x86``, ``arm``, ``cuda``: per-ISA implementations of that tile.
+How it fits together:
+
+* ``qcompile.layout`` (run by ``pipeline.fuse_passes`` before LegalizeOps) rewrites
+  conv2d / matmul with constant weights into qcompile TE computes with packed weights
+  (and, for int8, an in-kernel activation repack to ``[N, C/4, H, W, 4]``); their
+  reduction blocks carry the ``qcompile_kernel`` annotation.
+* ``cpu``    default CPU rules: register-tiled micro-kernels for the annotated kernels
+             (float FMA, int8 via the target's dot-product tile), fused epilogues inlined
+             into the tile write-back, outer loops parallel; dlight GEMV/Reduction;
+             parallel + vectorize for everything else (pools vectorized over width).
+* ``intrin`` the int8 ``L x 4`` tile semantics and its lazy registry; ``x86`` (AVX-512
+             VNNI ``vpdpbusd``, AVX2 ``vpmaddubsw``+``vpmaddwd``), ``arm`` (NEON ``sdot``):
+             real implementations; every family also has a portable (plain TIR) one.
+* ``cuda``   ``__dp4a`` for the packed int8 kernels; the rest stays with dlight's GPU rules.
+
+Every rule works on a copy of the kernel and falls back (next rule, then the kernel
+unchanged) when it does not apply, so a kernel no rule knows never fails a build.
+Set ``QCOMPILE_SCHEDULE_DEBUG=1`` to raise instead (tests use it while developing).
 """
 
 from __future__ import annotations

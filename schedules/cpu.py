@@ -239,6 +239,9 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
         b, o, i, j, rc, rh, rw = loops
     ow = _extent(sch, j)
     tw = _pick_tile(ow, 4, _tile_w_max(vec_width))
+    if is_int8 and ow % tw:
+        # tensorize needs an exact tile (no predicate): the largest divisor instead
+        tw = max(d for d in range(1, tw + 1) if ow % d == 0)
     oo, oi = sch.split(o, [None, lanes])
     jo, ji = sch.split(j, [None, tw])
     if is_int8:
@@ -317,6 +320,8 @@ def schedule_matmul_packed(sch, block, lanes: int, intrin: str, vec_width: int):
         i, j, rk = loops
     m = _extent(sch, i)
     tm = _pick_tile(m, 2, 6) if m > 1 else 1
+    if is_int8 and m % tm:
+        tm = max(d for d in range(1, tm + 1) if m % d == 0)  # exact tile for tensorize
     io, ii = sch.split(i, [None, tm])
     jo, ji = sch.split(j, [None, lanes])
     if is_int8:

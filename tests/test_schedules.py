@@ -167,7 +167,8 @@ INT8_CONV_CASES = [
     (1, 8, 10, 10, 16, 3, 1, 1, 1),
     (1, 5, 9, 11, 13, 3, 2, 1, 1),      # C and O not multiples of 4 / the tile
     (2, 16, 7, 7, 24, 1, 1, 0, 1),
-    (1, 12, 9, 9, 12, 3, 2, 1, 12),     # depthwise stride 2 (spatial kernel)
+    (1, 12, 9, 9, 12, 3, 2, 1, 12),     # depthwise stride 2
+    (1, 4, 19, 19, 8, 3, 1, 1, 1),      # prime width: exact tile for tensorize
 ]
 
 
@@ -201,7 +202,7 @@ def test_int8_conv2d_bit_exact(family, case, x_dtype):
 
 
 @pytest.mark.parametrize("family", INT8_FAMILIES)
-@pytest.mark.parametrize("m,k,n", [(1, 37, 100), (6, 64, 24), (3, 5, 7)])
+@pytest.mark.parametrize("m,k,n", [(1, 37, 100), (6, 64, 24), (3, 5, 7), (13, 16, 16)])
 @pytest.mark.parametrize("a_dtype", ["uint8", "int8"])
 def test_int8_matmul_bit_exact(family, m, k, n, a_dtype):
     rng = np.random.default_rng(3)
@@ -343,3 +344,36 @@ def test_int8_depthwise_extreme_values_exact():
     mod = conv_module(x.shape, w, 1, 1, 16, x_dtype="uint8", epilogue=None, out_dtype="int32")
     got = _run(_compile(mod), x)
     np.testing.assert_array_equal(got, np_conv2d(x, w, 1, 1, 16, acc=np.int64).astype(np.int32))
+
+
+def test_intrinsics_are_lazy_and_avoid_tvm_tensor_intrin():
+    """Building int8 kernels registers only qcompile's own tiles, lazily: TVM's
+    ``tvm.s_tir.tensor_intrin`` (47-70 s to import here) is never imported."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent("""
+        import sys, time
+        sys.path.insert(0, %r)
+        import numpy as np
+        t0 = time.perf_counter()
+        import qcompile.schedules, qcompile.layout, qcompile.schedules.cpu
+        t_import = time.perf_counter() - t0
+        assert "qcompile.schedules.x86" not in sys.modules
+        import test_schedules as ts
+        w = np.ones((16, 8, 1, 1), np.int8)
+        m = ts.conv_module((1, 8, 4, 4), w, 1, 0, 1, x_dtype="uint8", epilogue=None,
+                           out_dtype="int32")
+        t0 = time.perf_counter()
+        ts._compile(m, "x86_64-avx512-vnni")
+        print("IMPORT", t_import, "tensor_intrin", "tvm.s_tir.tensor_intrin" in sys.modules)
+    """ % str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("IMPORT")), None)
+    assert line is not None, out.stderr[-2000:]
+    _, t_import, _, imported = line.split()
+    assert imported == "False"
+    assert float(t_import) < 10.0
