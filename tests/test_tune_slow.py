@@ -173,7 +173,7 @@ def test_fast_tensor_intrinsic_import_registers_the_same_intrinsics(tmp_path):
         else:
             import tvm.s_tir.tensor_intrin
         took = time.perf_counter() - t
-        from tvm.tirx import TensorIntrin
+        from tvm.s_tir import TensorIntrin
         names = ["dot_16x4_vnni", "dot_4x4_i8i8s32_sdot", "dp4a_s8s8s32"]
         h = [hashlib.sha1(TensorIntrin.get(n).desc.script().encode()).hexdigest() +
              hashlib.sha1(TensorIntrin.get(n).impl.script().encode()).hexdigest()
