@@ -931,6 +931,33 @@ def _target_items(c: _Corpus, seed: int):
 
 
 # --------------------------------------------------------------------------- qdq items
+def qdq_model(name: str, seed: int, work: Path) -> onnx.ModelProto:
+    """A builder model quantized to QDQ by onnxruntime's quantize_static (per channel),
+    calibrated on 4 seeded random inputs; needs onnxruntime."""
+    import logging
+
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    from onnxruntime import quantization
+
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's pre-processing hints
+    work.mkdir(parents=True, exist_ok=True)
+    model = ob.BUILDERS[name](seed)
+    src, dst = work / f"{name}.onnx", work / f"{name}_qdq.onnx"
+    src.write_bytes(model.SerializeToString())
+    feeds = [ob.random_inputs(model, seed=seed + i) for i in range(4)]
+
+    class Reader(quantization.CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(feeds)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    quantization.quantize_static(str(src), str(dst), Reader(), per_channel=True,
+                                 quant_format=quantization.QuantFormat.QDQ)
+    return onnx.load(str(dst))
+
+
 def _qdq_items(c: _Corpus, seed: int):
     """Already-quantized (QDQ) models with broken quantization parameters, through
     ``compile --quantize int8`` (the model's own scales: no calibration)."""
@@ -939,28 +966,8 @@ def _qdq_items(c: _Corpus, seed: int):
         from onnxruntime import quantization
     except ImportError:  # onnxruntime is a test dependency; without it, no QDQ items
         return
-    import logging
-
-    logging.getLogger().setLevel(logging.ERROR)  # quantize_static's pre-processing hints
     work = c.root / "corpus" / "qdq-seeds"
-    work.mkdir(parents=True, exist_ok=True)
-    bases = {}
-    for name in ("conv_bn_relu", "gemm"):
-        model = ob.BUILDERS[name](seed)
-        src, dst = work / f"{name}.onnx", work / f"{name}_qdq.onnx"
-        src.write_bytes(model.SerializeToString())
-        feeds = [ob.random_inputs(model, seed=seed + i) for i in range(4)]
-
-        class Reader(quantization.CalibrationDataReader):
-            def __init__(self):
-                self.items = iter(feeds)
-
-            def get_next(self):
-                return next(self.items, None)
-
-        quantization.quantize_static(str(src), str(dst), Reader(), per_channel=True,
-                                     quant_format=quantization.QuantFormat.QDQ)
-        bases[name] = onnx.load(str(dst))
+    bases = {name: qdq_model(name, seed, work) for name in ("conv_bn_relu", "gemm")}
 
     def add(kind, model, expect="error"):
         item_id = c.new_id("qdq", kind)

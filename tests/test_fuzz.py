@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -31,6 +32,14 @@ RANDOM = bool(os.environ.get("QCOMPILE_FUZZ_RANDOM"))
 _SEEDS = {name: model for name, model in ob.all_models(0).items()}
 _SEEDS["dynamic_batch"] = ob.dynamic_batch_model(0)
 _SEEDS["unsupported_op"] = ob.unsupported_op_model(0)
+try:  # already-quantized seeds reach the QDQ scale and type checks
+    import bad_inputs
+
+    with tempfile.TemporaryDirectory() as _tmp:
+        for _name in ("conv_bn_relu", "gemm"):
+            _SEEDS[f"{_name}_qdq"] = bad_inputs.qdq_model(_name, 0, Path(_tmp))
+except ImportError:  # onnxruntime is a test dependency; without it, float seeds only
+    pass
 _BLOBS = {name: m.SerializeToString() for name, m in _SEEDS.items()}
 _NAMES = sorted(_BLOBS)
 
@@ -101,7 +110,8 @@ def mutated_model(draw) -> bytes:
     for _ in range(draw(st.integers(1, 4))):
         kind = draw(st.sampled_from(["input_dim", "op_type", "attr_int", "attr_ints",
                                      "node_input", "drop_node", "opset", "init_dims",
-                                     "init_type", "elem_type", "output_name", "domain"]))
+                                     "init_type", "elem_type", "output_name", "domain",
+                                     "init_value"]))
         if kind == "input_dim" and graph.input and graph.input[0].type.tensor_type.shape.dim:
             dims = graph.input[0].type.tensor_type.shape.dim
             dims[draw(st.integers(0, len(dims) - 1))].dim_value = draw(_INTS)
@@ -140,6 +150,18 @@ def mutated_model(draw) -> bytes:
             graph.input[0].type.tensor_type.elem_type = draw(st.integers(0, 25))
         elif kind == "output_name" and graph.output:
             graph.output[0].name = draw(st.sampled_from(["", "input", "nowhere"]))
+        elif kind == "init_value" and graph.initializer:
+            init = graph.initializer[draw(st.integers(0, len(graph.initializer) - 1))]
+            try:  # an earlier mutation may have made the tensor unreadable
+                array = onnx.numpy_helper.to_array(init).copy() \
+                    if init.data_type == onnx.TensorProto.FLOAT else None
+            except Exception:  # noqa: BLE001
+                array = None
+            if array is not None:
+                if array.size:
+                    array.flat[draw(st.integers(0, array.size - 1))] = draw(st.sampled_from(
+                        [0.0, -1.0, float("nan"), float("inf"), 1e-45, 3e38]))
+                    init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
         elif kind == "domain" and graph.node:
             graph.node[draw(st.integers(0, len(graph.node) - 1))].domain = \
                 draw(st.sampled_from(["", "ai.onnx", "com.microsoft", "com.example", "x" * 300]))
