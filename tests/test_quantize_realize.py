@@ -218,6 +218,10 @@ def test_qparams_zero_exact_and_ranges():
     s = act_qparams(-1.0, 3.0, "int8")
     assert s.zero_point == 0 and s.scale == pytest.approx(3.0 / 127)
     assert act_qparams(0.0, 0.0) == QParams(1.0, 0, "uint8", 0, 255)
+    tiny = act_qparams(-1e-40, 1e-39)  # denormal-sized data: a normal, finite scale
+    assert np.isfinite(tiny.scale) and tiny.scale >= 1e-30 and 0 <= tiny.zero_point <= 255
+    q, s = quantize_weight(np.full((2, 3), 1e-42, np.float32), 0)
+    assert np.all(np.isfinite(s)) and np.all(s >= 1e-30)
 
 
 def test_weight_quantization_per_channel_and_reduce_range():

@@ -50,6 +50,9 @@ import numpy as np
 from . import _ir
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
+# Smallest scale used: far above float32's denormals, so x / scale never overflows for
+# finite activations of ordinary size, and data below it quantizes to zero.
+MIN_SCALE = 1e-30
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ def act_qparams(lo: float, hi: float, dtype: str = "uint8") -> QParams:
         scale = (hi - lo) / 255.0
         if scale <= 0 or not np.isfinite(scale):
             return QParams(1.0, 0, "uint8", 0, 255)
+        if scale < MIN_SCALE:  # denormal-sized data: quantizes to zero, never to inf
+            scale = MIN_SCALE
+            lo = max(lo, -255 * MIN_SCALE)
         zp = int(np.clip(np.round(-lo / scale), 0, 255))
         return QParams(float(np.float32(scale)), zp, "uint8", 0, 255)
     if dtype == "int8":
@@ -80,6 +86,7 @@ def act_qparams(lo: float, hi: float, dtype: str = "uint8") -> QParams:
         scale = amax / 127.0
         if scale <= 0 or not np.isfinite(scale):
             scale = 1.0
+        scale = max(scale, MIN_SCALE)
         return QParams(float(np.float32(scale)), 0, "int8", -128, 127)
     raise ValueError(f"activation dtype must be uint8 or int8, got {dtype}")
 
@@ -95,7 +102,8 @@ def quantize_weight(weight: np.ndarray, axis: int, per_channel: bool = True,
         amax = np.abs(moved.reshape(channels, -1)).max(axis=1)
     else:
         amax = np.full(channels, np.abs(weight).max())
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32).astype(np.float64)
+    scale = np.where(amax > 0, np.maximum(amax / qmax, MIN_SCALE), 1.0)
+    scale = scale.astype(np.float32).astype(np.float64)
     shape = [1] * weight.ndim
     shape[axis] = channels
     q = np.clip(np.round(weight / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
