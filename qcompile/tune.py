@@ -1104,14 +1104,18 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
             verified = {}
             say(f"[tune] could not re-time the best records: {str(exc).strip()[:300]}")
         if verified:
-            _write_meta(log_dir, {"verified": {**_meta(log_dir).get("verified", {}),
-                                               **verified}})
             for t in summaries:
                 v = verified.get(t.workload)
                 if v and v["default_us"] is not None:
                     t.default_us = min(t.default_us or v["default_us"], v["default_us"])
                 if v and v["best_us"] is not None:
                     t.verified_best_us = v["best_us"]
+            meta = _meta(log_dir)
+            _write_meta(log_dir, {
+                "verified": {**meta.get("verified", {}), **verified},
+                "baseline_us": {**meta.get("baseline_us", {}),
+                                **{t.workload: t.default_us for t in summaries
+                                   if t.default_us is not None}}})
             wins = sum(1 for v in verified.values() if v["best_us"] is not None and
                        v["default_us"] is not None and v["best_us"] < v["default_us"])
             say(f"[tune] best records re-timed next to the default schedules in "
