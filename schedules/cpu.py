@@ -39,6 +39,27 @@ TILE_W_MAX: int | None = None
 FLOAT_OC_VECS = 2
 
 
+# A nest with less work than this (iterations of its loops, all levels) runs on one thread:
+# a parallel launch costs microseconds, and on a loaded machine waiting for a descheduled
+# worker costs milliseconds.
+MIN_PARALLEL_WORK = 1 << 17
+
+
+def _work(sch, block) -> int:
+    total = 1
+    for lp in sch.get_loops(block):
+        e = _extent(sch, lp)
+        total *= e if e is not None else 1 << 20
+    return total
+
+
+def _parallel(sch, block, loops):
+    """Fuse ``loops`` and run them in parallel when ``block``'s nest is big enough."""
+    if _work(sch, block) < MIN_PARALLEL_WORK:
+        return
+    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
 def _tile_w_max(vec_width: int) -> int:
     if TILE_W_MAX is not None:
         return TILE_W_MAX
@@ -175,7 +196,7 @@ def _schedule_spatial(sch, block, width: int, min_parallel: int = 2048):
     inner = loops[-1]
     _vector_split(sch, inner, width)
     outer = loops[:-1]
-    if outer and total >= min_parallel:
+    if outer and total >= max(min_parallel, MIN_PARALLEL_WORK // 8):
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
 
@@ -215,14 +236,14 @@ def _schedule_reduction_generic(sch, block, width: int):
             outer_sp = lead[:-1] + [o]
             sch.reorder(o, *red, vec)
         par = outer_sp[:-1] if len(outer_sp) > 1 and f != inner_ext else outer_sp
-        sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
+        _parallel(sch, block, par)
         sch.vectorize(vec)
         for lp in red:
             sch.unroll(lp)
         init = sch.decompose_reduction(block, red[0])
         sch.vectorize(sch.get_loops(init)[-1])
         return
-    sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+    _parallel(sch, block, lead)
 
 
 # --------------------------------------------------------------------------- packed kernels
@@ -275,7 +296,7 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
         else:  # vector over channels: scattered stores
             sch.reorder(wl[3], wl[1])
             sch.vectorize(wl[1])
-    sch.parallel(sch.fuse(b, oo, i))
+    _parallel(sch, block, [b, oo, i])
     _finish_inner(sch, block, ji, oi, r4 if is_int8 else None, intrin, lanes, rc)
 
 
@@ -294,7 +315,7 @@ def schedule_conv2d_dw_packed(sch, block, lanes: int, vec_width: int):
     wl = sch.get_loops(wb)[4:]
     if len(wl) == 4:
         sch.vectorize(wl[3])
-    sch.parallel(sch.fuse(b, oo, i))
+    _parallel(sch, block, [b, oo, i])
     sch.vectorize(oi)
     sch.unroll(ji)
     sch.unroll(rw)
@@ -349,7 +370,7 @@ def schedule_matmul_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     wl = sch.get_loops(wb)[2:]
     if len(wl) == 2:
         sch.vectorize(wl[1])
-    sch.parallel(sch.fuse(io, jo))
+    _parallel(sch, block, [io, jo])
     _finish_inner(sch, block, ii, ji, r4 if is_int8 else None, intrin, lanes, rk)
 
 
@@ -367,7 +388,7 @@ def schedule_conv2d_spatial(sch, block, vec_width: int, acc_width: int):
     sch.vectorize(ji)
     sch.unroll(rw)
     sch.unroll(rh)
-    sch.parallel(sch.fuse(b, o, i))
+    _parallel(sch, block, [b, o, i])
     init = sch.decompose_reduction(block, rc)
     sch.vectorize(sch.get_loops(init)[-1])
 
