@@ -122,6 +122,7 @@ def read_onnx(path: str | os.PathLike):
         raise ModelError(f"{path}: the file parses but holds no ONNX graph (no nodes)")
     if len(model.graph.output) == 0:
         raise ModelError(f"{path}: the graph declares no outputs")
+    _check_text(model, path)
     _check_opset(model, path)
     _load_external_data(model, path)
     try:
@@ -130,6 +131,23 @@ def read_onnx(path: str | os.PathLike):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{path}: fails the ONNX checker: {first}") from None
     return model
+
+
+def _check_text(model, path: Path) -> None:
+    """Names, op types and domains must be text: protobuf hands back invalid UTF-8 in
+    a string field as bytes, which the checker lets through for custom domains."""
+    graph = model.graph
+    texts = [(e.domain, "an opset domain") for e in model.opset_import]
+    for index, node in enumerate(graph.node):
+        where = f"node #{index}"
+        texts += [(node.name, where), (node.op_type, where), (node.domain, where)]
+        texts += [(name, where) for name in (*node.input, *node.output)]
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        texts.append((value.name, "a graph tensor name"))
+    for value, where in texts:
+        if not isinstance(value, str):
+            raise ModelError(f"{path}: {where} holds {bytes(value)[:40]!r}, which is not "
+                             "valid UTF-8 text; the file is corrupt")
 
 
 def _check_opset(model, path: Path) -> None:

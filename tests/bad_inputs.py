@@ -178,6 +178,12 @@ def _onnx_bytes_items(c: _Corpus, seeds: dict[str, onnx.ModelProto]):
             pos = rng.randrange(min(64, len(data)))
             data[pos] = rng.randrange(256)
         _add_model(c, "header-garbage", data, "any", note=f"{name}: bytes in the header")
+    # invalid UTF-8 in string fields: protobuf hands such fields back as bytes
+    fancy = ob.unsupported_op_model(0).SerializeToString()
+    _add_model(c, "invalid-utf8-op-type", fancy.replace(b"FancyOp", b"\x80ancyOp"))
+    _add_model(c, "invalid-utf8-domain", fancy.replace(b"com.example", b"com.\xffxample"))
+    _add_model(c, "invalid-utf8-node-name", blobs["gemm"].replace(b"fc1", b"f\xc31"))
+    _add_model(c, "invalid-utf8-tensor-name", blobs["gemm"].replace(b"input", b"inpu\xfe"))
     # not ONNX at all
     not_onnx = {
         "empty": b"",

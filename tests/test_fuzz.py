@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 import onnx.numpy_helper
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import onnx_builders as ob
@@ -92,7 +92,14 @@ def mutated_bytes(draw) -> bytes:
     return bytes(data)
 
 
+# found by a random campaign: an op type that is not valid UTF-8 came back from
+# protobuf as bytes and check_ops raised TypeError
+_INVALID_UTF8_OP = ob.unsupported_op_model(0).SerializeToString().replace(b"FancyOp",
+                                                                         b"\x80ancyOp")
+
+
 @FUZZ_SETTINGS
+@example(_INVALID_UTF8_OP)
 @given(mutated_bytes())
 def test_fuzz_model_bytes(data):
     _validate(data)
