@@ -259,10 +259,15 @@ MNV2_DEPTHWISE = ("/features/features.1/conv/conv.0/conv.0.0/Conv",) + tuple(
 MNV2_ENDS = ("/features/features.0/features.0.0/Conv", "/classifier/classifier.1/Gemm")
 LITE_DEPTHWISE = tuple(f"/_blocks.{i}/_depthwise_conv/Conv" for i in range(16))
 LITE_ENDS = ("/_conv_stem/Conv", "/_fc/Gemm")
+
+MNV2_PROJECT = ("/features/features.1/conv/conv.1/Conv",) + tuple(
+    f"/features/features.{i}/conv/conv.2/Conv" for i in range(2, 18))
 BEST_CONFIG = {
-    # 14/14 top-1, 21.6 dB: the 17 depthwise convs, the first conv and the classifier float
+    # 14/14 top-1, 25.5 dB, but only with 36 of 53 layers float (the 17 depthwise, the
+    # 17 projection convs, the first conv and the classifier): the 17 expansion 1x1
+    # convs and the last 1x1 conv are int8. (Depthwise + ends float: 14/14, 21.6 dB.)
     "mobilenet_v2": {"method": "percentile", "sqnr": False,
-                     "skip": MNV2_DEPTHWISE + MNV2_ENDS},
+                     "skip": MNV2_DEPTHWISE + MNV2_PROJECT + MNV2_ENDS},
     # 27.2 dB, 13/14 top-1: the stem, the 16 depthwise convs and the classifier float
     "efficientnet_lite0": {"method": "mse", "sqnr": False, "skip": LITE_ENDS + LITE_DEPTHWISE},
     # the default (minmax): mean cosine 0.9937, 24/24 nearest neighbours
