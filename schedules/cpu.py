@@ -42,7 +42,7 @@ FLOAT_OC_VECS = 2
 # A nest with less work than this (iterations of its loops, all levels) runs on one thread:
 # a parallel launch costs microseconds, and on a loaded machine waiting for a descheduled
 # worker costs milliseconds.
-MIN_PARALLEL_WORK = 1 << 17
+MIN_PARALLEL_WORK = 1 << 22
 
 
 def _work(sch, block) -> int:
