@@ -43,7 +43,9 @@ def test_real_model_int8_matches_float(name):
     m, ok, meta = bench.check(name)
     print(name, bench.format_metrics(info["kind"], m), meta.get("worst_layers"))
     if info["kind"] == "image":
-        changed = [(p, a, b) for p, a, b in zip(range(m["n"]), m["float_top1"], m["int8_top1"])
+        photos = bench.load_data(name, MODELS_DIR)[2]["names"]
+        changed = [f"{p}: float {a} (p={q[0]}, runner-up p={q[1]}) -> int8 {b}"
+                   for p, a, b, q in zip(photos, m["float_top1"], m["int8_top1"], m["float_p12"])
                    if a != b]
         assert m["top1_agree"] == m["n"], f"top-1 differs from float on photos {changed}"
         assert m["sqnr_db"] >= 25.0, f"logit SQNR {m['sqnr_db']:.1f} dB < 25 dB"
