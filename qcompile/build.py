@@ -137,13 +137,15 @@ def _tuning_database(mod, spec, tuning_log, say):
     if tuning_log is None:
         return None, {"log": None}
     try:
-        from .tune import database_coverage, load_database
+        from .tune import coverage_detail, load_database
     except ImportError as exc:
         raise QCompileError(f"tuning logs are not supported in this build ({exc})") from None
-    database = load_database(tuning_log)
-    tuned, total = database_coverage(mod, spec, database)
-    say(f"tuning log {tuning_log}: {tuned} of {total} kernels have tuned records")
-    return database, {"log": str(tuning_log), "tuned_kernels": tuned, "total_kernels": total}
+    database = load_database(tuning_log, spec)  # only records valid for this target
+    tuned, untuned = coverage_detail(mod, spec, database)
+    say(f"tuning log {tuning_log}: {len(tuned)} of {len(tuned) + len(untuned)} kernels use "
+        "tuned records, the rest default schedules")
+    return database, {"log": str(tuning_log), "tuned_kernels": len(tuned),
+                      "total_kernels": len(tuned) + len(untuned), "tuned": sorted(tuned)}
 
 
 def _build(mod, spec: TargetSpec, database):
