@@ -288,7 +288,7 @@ def _quantize_dynamic(imported, calib, config, spec) -> QuantResult:
     """
     from ..target import get_target
     from .realize import realize_dynamic
-    from .sensitivity import collect_outputs, layer_sqnr, output_array
+    from .sensitivity import layer_sqnr
 
     spec = get_target(spec)
     started = time.perf_counter()
@@ -316,17 +316,8 @@ def _quantize_dynamic(imported, calib, config, spec) -> QuantResult:
     result = QuantResult(mod=qmod, summary=summary, float_mod=float_mod, plan=plan)
     if calib is not None and config.sqnr and records:
         data = _materialize(calib, imported.inputs, config.calib_limit)
-        subset, count = [], 0
-        for batch in data:
-            subset.append(batch)
-            count += len(next(iter(batch.values())))
-            if count >= config.sqnr_samples:
-                break
-        subset = CalibrationData(subset, data.source)
-        ref = output_array(collect_outputs(observe_module(float_mod, []), spec, subset,
-                                           imported.inputs, config.progress, "SQNR (float)")[0])
-        got = output_array(collect_outputs(observe_module(qmod, []), spec, subset,
-                                           imported.inputs, config.progress, "SQNR (int8)")[0])
+        ref, got = _reference_and_int8_outputs(float_mod, qmod, imported, spec, data, config,
+                                               "SQNR (float)")
         summary["output_sqnr_db"] = layer_sqnr([ref], [got])[0]
         summary["sqnr_samples"] = int(len(ref))
     _finish_summary(result, started)
@@ -373,7 +364,20 @@ def _add_qdq_sqnr(result, imported, spec, data, config) -> None:
     (Per-layer SQNR against a float model is not defined here: QDQ exporters fold
     ReLUs into the quantization ranges, so the graph without Q/DQ is not the float model.)
     """
-    from .sensitivity import collect_outputs, layer_sqnr, output_array
+    from .sensitivity import layer_sqnr
+
+    ref, got = _reference_and_int8_outputs(imported.mod, result.mod, imported, spec, data,
+                                           config, "SQNR (QDQ float)")
+    result.summary["output_sqnr_db"] = layer_sqnr([ref], [got])[0]
+    result.summary["output_sqnr_reference"] = "the QDQ model computed in float (fake quant)"
+    result.summary["sqnr_samples"] = int(len(ref))
+    if ref.ndim == 2:
+        result.summary["calib_top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
+
+
+def _reference_and_int8_outputs(ref_mod, int8_mod, imported, spec, data, config, ref_label):
+    """Model outputs of both modules on the first ``config.sqnr_samples`` samples of ``data``."""
+    from .sensitivity import collect_outputs, output_array
 
     subset, count = [], 0
     for batch in data:
@@ -382,15 +386,11 @@ def _add_qdq_sqnr(result, imported, spec, data, config) -> None:
         if count >= config.sqnr_samples:
             break
     subset = CalibrationData(subset, data.source)
-    ref = output_array(collect_outputs(observe_module(imported.mod, []), spec, subset,
-                                       imported.inputs, config.progress, "SQNR (QDQ float)")[0])
-    got = output_array(collect_outputs(observe_module(result.mod, []), spec, subset,
+    ref = output_array(collect_outputs(observe_module(ref_mod, []), spec, subset,
+                                       imported.inputs, config.progress, ref_label)[0])
+    got = output_array(collect_outputs(observe_module(int8_mod, []), spec, subset,
                                        imported.inputs, config.progress, "SQNR (int8)")[0])
-    result.summary["output_sqnr_db"] = layer_sqnr([ref], [got])[0]
-    result.summary["output_sqnr_reference"] = "the QDQ model computed in float (fake quant)"
-    result.summary["sqnr_samples"] = int(len(ref))
-    if ref.ndim == 2:
-        result.summary["calib_top1_agreement"] = float(np.mean(ref.argmax(1) == got.argmax(1)))
+    return ref, got
 
 
 def _finish_summary(result, started) -> None:
