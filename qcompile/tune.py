@@ -245,33 +245,33 @@ def _is_json(text: str) -> bool:
 
 def _scan(log_dir: Path):
     """Parse both files of a JSONDatabase, tolerating a torn last line in each."""
-    wl_path, rec_path = log_dir / DB_WORKLOAD, log_dir / DB_RECORD
     report = DatabaseReport(log_dir=str(log_dir))
-    workloads: list[Any] = []
-    records: list[tuple[int, Any, int]] = []
     tails = {}
-    if wl_path.exists():
-        lines, tail, good = _split_lines(wl_path)
-        if tail is not None:
-            tails[wl_path] = good
-            report.torn_lines.append(f"{wl_path}:{len(lines) + 1}")
-        for lineno, text in lines:
-            obj = json.loads(text)
-            if not (isinstance(obj, list) and len(obj) == 2):
-                raise TuningError(f"{wl_path}:{lineno}: not a MetaSchedule workload entry")
-            workloads.append(obj)
-    if rec_path.exists():
-        lines, tail, good = _split_lines(rec_path)
-        if tail is not None:
-            tails[rec_path] = good
-            report.torn_lines.append(f"{rec_path}:{len(lines) + 1}")
-        for lineno, text in lines:
-            obj = json.loads(text)
-            if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)
-                    and isinstance(obj[1], list) and len(obj[1]) >= 3):
-                raise TuningError(f"{rec_path}:{lineno}: not a MetaSchedule tuning record")
-            records.append((obj[0], obj[1], lineno))
+    workloads = [obj for _, obj in _scan_file(
+        log_dir / DB_WORKLOAD, report, tails, "workload entry",
+        lambda obj: isinstance(obj, list) and len(obj) == 2)]
+    records = [(obj[0], obj[1], lineno) for lineno, obj in _scan_file(
+        log_dir / DB_RECORD, report, tails, "tuning record",
+        lambda obj: (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)
+                     and isinstance(obj[1], list) and len(obj[1]) >= 3))]
     return workloads, records, report, tails
+
+
+def _scan_file(path: Path, report, tails: dict, what: str, is_valid) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON) of each complete line; a torn last line is noted."""
+    if not path.exists():
+        return []
+    lines, tail, good = _split_lines(path)
+    if tail is not None:
+        tails[path] = good
+        report.torn_lines.append(f"{path}:{len(lines) + 1}")
+    entries = []
+    for lineno, text in lines:
+        obj = json.loads(text)
+        if not is_valid(obj):
+            raise TuningError(f"{path}:{lineno}: not a MetaSchedule {what}")
+        entries.append((lineno, obj))
+    return entries
 
 
 def repair_log_dir(log_dir: str | os.PathLike) -> DatabaseReport:
