@@ -81,12 +81,13 @@ def relax_pipeline(spec, target, use_database: bool = False):
 
 def compile_relax(mod, spec, database=None):
     """Build a Relax module into a VM executable for ``spec`` (a TargetSpec)."""
+    import contextlib
+
     import tvm
 
     target = spec.tvm_target()
     pipeline = relax_pipeline(spec, target, use_database=database is not None)
-    if database is not None:
-        with target, database, tvm.transform.PassContext(opt_level=3):
-            return tvm.compile(mod, target, relax_pipeline=pipeline)
-    with target, tvm.transform.PassContext(opt_level=3):
+    # MetaScheduleApplyDatabase reads the database from the enclosing context.
+    records = database if database is not None else contextlib.nullcontext()
+    with target, records, tvm.transform.PassContext(opt_level=3):
         return tvm.compile(mod, target, relax_pipeline=pipeline)
