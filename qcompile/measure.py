@@ -77,19 +77,19 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
                 calib=calib, quant_config=quant_config,
                 tuning_log=tuning_log, log=say)
     feeds, labels, data_note = _evaluation_data(data, inputs, options.limit)
-    session, device_label = _open_session(rpc, tracker, key, spec, options)
+    session, device_label = _open_session(rpc, tracker, key, spec)
+    emulated = options.emulated
     if session is not None:
         from .rpc import board_info
 
         board = board_info(session)  # the emulated board says so about itself
         if board.get("emulated"):
-            options.emulated = True
+            emulated = True
             device_label += f" ({board.get('emulator', 'emulated')} {board.get('arch', '')})"
     report = Report(model=Path(onnx_path).stem, target=spec.name, device=device_label,
-                    emulated=options.emulated,
-                    environment=_environment(spec, session, options))
+                    emulated=emulated, environment=_environment(spec, session))
     report.notes.append(data_note)
-    if options.emulated:
+    if emulated:
         report.notes.append("timings were taken under emulation: they show that the code "
                             "runs and how float and int8 compare there, never board speed")
     reference = _reference_outputs(onnx_path, feeds, report, say)
@@ -125,7 +125,7 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
     return report
 
 
-def _environment(spec, session, options) -> dict:
+def _environment(spec, session) -> dict:
     import tvm
 
     env = {"tvm": tvm.__version__, "target_isa": ", ".join(spec.isa_features)}
@@ -136,7 +136,7 @@ def _environment(spec, session, options) -> dict:
     return env
 
 
-def _open_session(rpc, tracker, key, spec, options):
+def _open_session(rpc, tracker, key, spec):
     if rpc is None and tracker is None:
         if not spec.runs_here():
             raise DeviceError(f"target {spec.name} cannot run on this machine; measure it on "
