@@ -34,6 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 KERNEL_ATTR = "qcompile_kernel"
+# ARM i8mm ``smmla`` tile: a 2x8 activation block (two output pixels / rows) times the
+# transpose of a 2x8 weight block (two output channels) -> 2x2 int32.
+I8MM_LANES = 2
+I8MM_K = 8
 INTRIN_ATTR = "qcompile_intrin"
 LANES_ATTR = "qcompile_lanes"
 
@@ -73,7 +77,9 @@ def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | Non
     elif has("avx2"):
         plan = LayoutPlan(8, "avx2-vpmaddubsw", 8, "uint8")
     elif mtriple.startswith("aarch64") or has("neon"):
-        if has("dotprod"):
+        if has("i8mm"):
+            plan = LayoutPlan(8, "arm-i8mm", I8MM_LANES, "int8")
+        elif has("dotprod"):
             plan = LayoutPlan(8, "arm-sdot", 4, "int8")
         else:
             plan = LayoutPlan(8, "generic", 8, "int8")
@@ -83,8 +89,9 @@ def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | Non
         # "<family>" or "portable-<family>": the family's packed layout, with the tile run
         # as plain TIR when portable (bit-exact on any machine); "generic": no intrinsic.
         base = force_intrin.removeprefix("portable-")
-        lanes = {"avx512-vnni": 16, "avx2-vpmaddubsw": 8, "arm-sdot": 4}.get(base, 8)
-        act = "int8" if base in ("arm-sdot", "generic") else "uint8"
+        lanes = {"avx512-vnni": 16, "avx2-vpmaddubsw": 8, "arm-sdot": 4,
+                 "arm-i8mm": I8MM_LANES}.get(base, 8)
+        act = "int8" if base in ("arm-sdot", "arm-i8mm", "generic") else "uint8"
         plan = LayoutPlan(plan.float_lanes, force_intrin, lanes, act)
     return plan
 
@@ -355,6 +362,131 @@ def matmul_packed_int8(a, bp, comp, n_out, lanes, shift, act_dtype, intrin):
     return te.compute((m, n_out), lambda i, j: mm[i, j] - comp[j], name="matmul_shift_comp")
 
 
+# --------------------------------------------------------------------------- ARM i8mm (smmla)
+# smmla multiplies a 2x8 s8 block by the transpose of another 2x8 s8 block into a 2x2 s32
+# tile. Both operands must be 16 contiguous bytes: weights are packed two output channels
+# at a time, and the activation is laid out so that the two rows (two output pixels of a
+# conv, two rows of a matmul) sit next to each other in memory -- also for stride 2.
+
+
+def pack_conv_weight_i8mm(w: np.ndarray) -> np.ndarray:
+    """OIHW -> [O/2, C/8, KH, KW, 2, 8] (O and C zero-padded)."""
+    o, i, kh, kw = w.shape
+    op, ip = _ceil(o, I8MM_LANES) * I8MM_LANES, _ceil(i, I8MM_K) * I8MM_K
+    wpad = np.zeros((op, ip, kh, kw), w.dtype)
+    wpad[:o, :i] = w
+    return np.ascontiguousarray(
+        wpad.reshape(op // I8MM_LANES, I8MM_LANES, ip // I8MM_K, I8MM_K, kh, kw)
+        .transpose(0, 2, 4, 5, 1, 3))
+
+
+def pack_matmul_weight_i8mm(b: np.ndarray) -> np.ndarray:
+    """[K, N] -> [N/2, K/8, 2, 8] (N and K zero-padded)."""
+    k, n = b.shape
+    npad, kp = _ceil(n, I8MM_LANES) * I8MM_LANES, _ceil(k, I8MM_K) * I8MM_K
+    bp = np.zeros((kp, npad), b.dtype)
+    bp[:k, :n] = b
+    return np.ascontiguousarray(
+        bp.reshape(kp // I8MM_K, I8MM_K, npad // I8MM_LANES, I8MM_LANES).transpose(2, 0, 3, 1))
+
+
+I8MM_MAX_PAIRS = 4  # output-pixel pairs per register tile (4 pairs x 4 channel pairs = 16 acc)
+
+
+def i8mm_padded_width(ow: int) -> int:
+    """Output width rounded up so that whole tiles of pixel pairs cover it: the tile size
+    (in pairs, <= I8MM_MAX_PAIRS) that wastes the fewest columns, larger tiles on ties."""
+    best = None
+    for pairs in range(I8MM_MAX_PAIRS, 0, -1):
+        padded = _ceil(ow, 2 * pairs) * 2 * pairs
+        if best is None or padded < best:
+            best = padded
+    return best
+
+
+def conv2d_packed_i8mm(x, wp, comp, out_channels, stride, pad, dil, shift, act_dtype, intrin):
+    """NCHW int8 conv2d for smmla: weights [O/2, C/8, KH, KW, 2, 8]; the kernel's padding
+    stage writes the activation polyphase, ``[N, C/8, H, SW, W/SW, 8]`` (column ``q*SW + p``
+    at ``[.., p, q, :]``), so output pixels ``j`` and ``j+1`` read adjacent 8-byte groups
+    for every stride. The output width is padded to whole pixel-pair tiles, then sliced."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(v) for v in x.shape)
+    ob, cb, kh, kw, _, _ = (int(v) for v in wp.shape)
+    oh, ow = _out_hw(h, w, kh, kw, stride, pad, dil)
+    owp = i8mm_padded_width(ow)
+    sh, sw = stride
+    dh, dw = dil
+    pt, pl, pb, pr = pad
+    wq = owp + ((kw - 1) * dw) // sw  # phase-columns read for owp output columns
+
+    def _xval(b, cc, row, ph, q, c8):
+        ch = cc * I8MM_K + c8
+        col = q * sw + ph
+        valid = tirx.all(row >= pt, row < h + pt, col >= pl, col < w + pl, ch < c)
+        v = tirx.if_then_else(valid, x[b, tirx.min(ch, c - 1), row - pt, col - pl].astype("int32"),
+                              tirx.const(0, "int32"))
+        if shift:
+            v = v + shift
+        return v.astype(act_dtype)
+
+    xp = te.compute((n, cb, h + pt + pb, sw, wq, I8MM_K), _xval, name="pack_i8mm")
+    rc = te.reduce_axis((0, cb), "rc")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    r8 = te.reduce_axis((0, I8MM_K), "r8")
+    conv = te.compute(
+        (n, ob * I8MM_LANES, oh, owp),
+        lambda b, o, i, j: te.sum(
+            xp[b, rc, i * sh + rh * dh, (rw * dw) % sw, j + (rw * dw) // sw, r8].astype("int32")
+            * wp[o // I8MM_LANES, rc, rh, rw, o % I8MM_LANES, r8].astype("int32"),
+            axis=[rc, rh, rw, r8]),
+        name="conv2d_packed_i8mm",
+        attrs={KERNEL_ATTR: "conv2d_packed_i8mm", INTRIN_ATTR: intrin, LANES_ATTR: I8MM_LANES})
+    if comp is None and ob * I8MM_LANES == out_channels and owp == ow:
+        return conv
+    if comp is None:
+        return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: conv[b, o, i, j],
+                          name="conv2d_slice")
+    return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: conv[b, o, i, j] - comp[o],
+                      name="conv2d_shift_comp")
+
+
+def matmul_packed_i8mm(a, bp, comp, n_out, shift, act_dtype, intrin):
+    """[M, K] int8 x packed [N/2, K/8, 2, 8] -> [M, N] int32; the activation is repacked in
+    the kernel to ``[M/2, K/8, 2, 8]`` (rows paired, M zero-padded to even)."""
+    from tvm import te, tirx
+
+    m, k = (int(v) for v in a.shape)
+    nb, kb = int(bp.shape[0]), int(bp.shape[1])
+    mb = _ceil(m, I8MM_LANES)
+
+    def _aval(ib, kk, i2, k8):
+        row, ch = ib * I8MM_LANES + i2, kk * I8MM_K + k8
+        v = tirx.if_then_else(tirx.all(row < m, ch < k),
+                              a[tirx.min(row, m - 1), tirx.min(ch, k - 1)].astype("int32"),
+                              tirx.const(0, "int32"))
+        if shift:
+            v = v + shift
+        return v.astype(act_dtype)
+
+    ap = te.compute((mb, kb, I8MM_LANES, I8MM_K), _aval, name="pack_i8mm")
+    rk = te.reduce_axis((0, kb), "rk")
+    r8 = te.reduce_axis((0, I8MM_K), "r8")
+    mm = te.compute(
+        (mb * I8MM_LANES, nb * I8MM_LANES),
+        lambda i, j: te.sum(
+            ap[i // I8MM_LANES, rk, i % I8MM_LANES, r8].astype("int32")
+            * bp[j // I8MM_LANES, rk, j % I8MM_LANES, r8].astype("int32"), axis=[rk, r8]),
+        name="matmul_packed_i8mm",
+        attrs={KERNEL_ATTR: "matmul_packed_i8mm", INTRIN_ATTR: intrin, LANES_ATTR: I8MM_LANES})
+    if comp is None and nb * I8MM_LANES == n_out and mb * I8MM_LANES == m:
+        return mm
+    if comp is None:
+        return te.compute((m, n_out), lambda i, j: mm[i, j], name="matmul_slice")
+    return te.compute((m, n_out), lambda i, j: mm[i, j] - comp[j], name="matmul_shift_comp")
+
+
 # --------------------------------------------------------------------------- Relax rewrite
 def _static_shape(expr):
     try:
@@ -461,6 +593,15 @@ def _make_mutator(plan: LayoutPlan):
                                   lanes, out_dtype, primfunc_name_hint="conv2d_packed")
             lanes = plan.int8_lanes
             intrin = plan.int8_intrin
+            if intrin.removeprefix("portable-") == "arm-i8mm":
+                act, shift = _int8_parts(plan, x_dtype)
+                comp = None
+                if shift:
+                    comp = relax.const((shift * w.astype(np.int64).sum(axis=(1, 2, 3)))
+                                       .astype(np.int32))
+                return bb.call_te(conv2d_packed_i8mm, x, relax.const(pack_conv_weight_i8mm(w)),
+                                  comp, o, stride, pad, dil, shift, act, intrin,
+                                  primfunc_name_hint="conv2d_packed_i8mm")
             wp = pack_conv_weight_int8(w, lanes)
             if intrin.endswith("avx2-vpmaddubsw") and not vpmaddubsw_exact(wp):
                 intrin = "generic"  # saturating int16 pairs would change results
@@ -491,6 +632,15 @@ def _make_mutator(plan: LayoutPlan):
                                   out_dtype, primfunc_name_hint="matmul_packed")
             if a_dtype in ("uint8", "int8") and b_dtype == "int8" and out_dtype == "int32":
                 lanes, intrin = plan.int8_lanes, plan.int8_intrin
+                if intrin.removeprefix("portable-") == "arm-i8mm":
+                    act, shift = _int8_parts(plan, a_dtype)
+                    comp = None
+                    if shift:
+                        comp = relax.const((shift * b.astype(np.int64).sum(axis=0))
+                                           .astype(np.int32))
+                    return bb.call_te(matmul_packed_i8mm, a,
+                                      relax.const(pack_matmul_weight_i8mm(b)), comp, n, shift,
+                                      act, intrin, primfunc_name_hint="matmul_packed_i8mm")
                 bp = pack_matmul_weight_int8(b, lanes)
                 if intrin.endswith("avx2-vpmaddubsw") and not vpmaddubsw_exact(bp):
                     intrin = "generic"

@@ -40,6 +40,9 @@ def default_schedule_passes(spec, target) -> list:
 
         return [apply_cuda_int8_schedules(target), dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                         dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+    from .arm import apply_arm_i8mm_schedules
     from .cpu import apply_cpu_schedules
 
-    return [apply_cpu_schedules(target)]
+    # smmla kernels (packed by qcompile.layout only for +i8mm targets, or when forced)
+    # first; the pass leaves every other kernel to the CPU rules.
+    return [apply_arm_i8mm_schedules(target), apply_cpu_schedules(target)]
