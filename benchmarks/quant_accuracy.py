@@ -1,9 +1,14 @@
 """Top-1 on the bundled Fashion-MNIST CNN: float vs qcompile int8 vs ONNX Runtime int8.
 
     .venv/bin/python benchmarks/quant_accuracy.py [--target x86_64-avx2] [--methods ...]
+        [--test slice|full] [--config LABEL:key=value,...]
 
 Same 256 calibration images (examples/fashion_mnist_calib.npz) for every int8
-row; accuracy on the committed 2000-image test slice (examples/fashion_mnist_test.npz).
+row; accuracy on the committed 2000-image test slice (examples/fashion_mnist_test.npz),
+or with ``--test full`` on all 10,000 Fashion-MNIST test images read from the Debian
+package ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist, preprocessed as
+examples/train_fashion_mnist.py does; its first 2000 must equal the committed slice).
+``--config`` adds QuantConfig variants (same syntax as benchmarks/real_models.py).
 ONNX Runtime's row is ``quantize_static(QuantFormat.QDQ, per_channel=True)``
 (uint8 activations, int8 weights, MinMax calibration), run by ORT itself.
 Prints a Markdown table; not part of the test suite.
@@ -51,6 +56,24 @@ def ort_quantize(model_path, calib, out_path, reduce_range=False):
                     weight_type=QuantType.QInt8, reduce_range=reduce_range)
 
 
+def load_test(which):
+    """(inputs, labels): the committed 2000-image slice or the full 10k test set."""
+    test = np.load(EXAMPLES / "fashion_mnist_test.npz")
+    if which == "slice":
+        return test["input"], test["labels"]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_fmnist",
+                                                  EXAMPLES / "train_fashion_mnist.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    images, labels = train.load_split("t10k")
+    x = train.preprocess(images)
+    if not np.array_equal(x[:len(test["input"])], test["input"]):
+        raise SystemExit("the full test set does not start with the committed slice")
+    return x, labels.astype(np.int64)
+
+
 def tvm_logits(mod, spec, x):
     import tvm
     from tvm import relax
@@ -67,6 +90,12 @@ def main(argv=None) -> int:
     parser.add_argument("--target", default="x86_64-avx2")
     parser.add_argument("--methods", nargs="+", default=["minmax", "percentile", "entropy", "mse"])
     parser.add_argument("--model", default=str(EXAMPLES / "fashion_mnist_cnn.onnx"))
+    parser.add_argument("--test", choices=("slice", "full"), default="slice",
+                        help="the committed 2000-image slice or the full 10k test set")
+    parser.add_argument("--config", action="append", default=[],
+                        help="extra variant LABEL:key=value,... (QuantConfig fields)")
+    parser.add_argument("--no-bc-row", action="store_true",
+                        help="leave out the mse row without bias correction")
     parser.add_argument("--requant-timing", action="store_true",
                         help="instead: time the float vs fixed-point requantize epilogue")
     args = parser.parse_args(argv)
@@ -79,8 +108,7 @@ def main(argv=None) -> int:
     from qcompile.target import get_target
 
     spec = get_target(args.target)
-    test = np.load(EXAMPLES / "fashion_mnist_test.npz")
-    x, labels = test["input"], test["labels"]
+    x, labels = load_test(args.test)
     calib_x = np.load(EXAMPLES / "fashion_mnist_calib.npz")["input"]
 
     rows = []
@@ -95,15 +123,21 @@ def main(argv=None) -> int:
     add("float (ONNX Runtime)", float_ref, float_ref)
     imported = import_onnx(args.model)
     add("float (qcompile)", tvm_logits(imported.mod, spec, x), float_ref)
-    variants = [(m, True) for m in args.methods] + [("mse", False)]
-    for method, bias_correction in variants:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from real_models import parse_config
+
+    variants = [(f"qcompile int8, {m}", {"method": m}) for m in args.methods]
+    if not args.no_bc_row:
+        variants.append(("qcompile int8, mse, no bias correction",
+                         {"method": "mse", "bias_correction": False}))
+    variants += [parse_config(c) for c in args.config]
+    for label, kwargs in variants:
         started = time.perf_counter()
         calib = load_calibration(EXAMPLES / "fashion_mnist_calib.npz", imported.inputs)
-        config = QuantConfig(method=method, bias_correction=bias_correction, progress=False)
+        config = QuantConfig(progress=False, **kwargs)
         result = quantize_model(imported, calib, config, spec)
         seconds = time.perf_counter() - started
         bits = result.summary["weights"]["bits"]
-        label = f"qcompile int8, {method}" + ("" if bias_correction else ", no bias correction")
         add(label, tvm_logits(result.mod, spec, x), float_ref, seconds,
             f"per-channel {bits}-bit weights, uint8 activations")
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +150,9 @@ def main(argv=None) -> int:
                 ort_logits(out, x), float_ref, seconds,
                 f"per-channel {7 if reduce_range else 8}-bit weights, uint8 activations, MinMax")
 
-    print(f"\nBundled Fashion-MNIST CNN, committed 2000-image test slice, target {spec.name}, "
+    which = ("committed 2000-image test slice" if args.test == "slice" else
+             "full 10,000-image test set")
+    print(f"\nBundled Fashion-MNIST CNN, {which}, target {spec.name}, "
           f"256 calibration images\n")
     print("| model | top-1 (%) | top-1 agreement with float (%) | quantize time (s) | notes |")
     print("| --- | --- | --- | --- | --- |")

@@ -59,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "error x per-channel input mean) from each bias (default: on)")
     bc.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                     help="keep the model's biases as they are")
+    eq = group.add_mutually_exclusive_group()
+    eq.add_argument("--equalize", dest="equalize", action="store_true", default=False,
+                    help="cross-layer equalization: rescale consecutive conv/matmul pairs "
+                         "(e.g. depthwise -> pointwise) so their per-channel weight ranges "
+                         "match, before calibration; the float function is unchanged")
+    eq.add_argument("--no-equalize", dest="equalize", action="store_false",
+                    help="no cross-layer equalization")
     group.add_argument("--no-progress", action="store_true",
                        help="no progress bar over calibration batches")
 
@@ -82,6 +89,7 @@ def config_from_args(args: argparse.Namespace, spec=None):
         requant=getattr(args, "requant", "float"),
         dynamic=getattr(args, "dynamic", False),
         bias_correction=getattr(args, "bias_correction", True),
+        equalize=getattr(args, "equalize", False),
         sqnr=not getattr(args, "no_sqnr", False),
         calib_limit=getattr(args, "calib_limit", None),
         progress=False if getattr(args, "no_progress", False) else None,
