@@ -394,14 +394,16 @@ I8MM_MAX_PAIRS = 4  # output-pixel pairs per register tile (4 pairs x 4 channel 
 
 
 def i8mm_padded_width(ow: int) -> int:
-    """Output width rounded up so that whole tiles of pixel pairs cover it: the tile size
-    (in pairs, <= I8MM_MAX_PAIRS) that wastes the fewest columns, larger tiles on ties."""
-    best = None
-    for pairs in range(I8MM_MAX_PAIRS, 0, -1):
-        padded = _ceil(ow, 2 * pairs) * 2 * pairs
-        if best is None or padded < best:
-            best = padded
-    return best
+    """Output width rounded up to whole register tiles of pixel pairs. A tile of ``t``
+    pairs loads ``t`` activation blocks for ``4 t`` smmla, so small tiles cost loads: the
+    width is chosen by padded columns x (1 + 1 / (2 t)), the load overhead of the tile."""
+    def padded(pairs):
+        return _ceil(ow, 2 * pairs) * 2 * pairs
+
+    # ties: the fewer padded columns, then the larger tile
+    best = min(range(I8MM_MAX_PAIRS, 0, -1),
+               key=lambda t: (round(padded(t) * (1 + 0.5 / t), 6), padded(t)))
+    return padded(best)
 
 
 def conv2d_packed_i8mm(x, wp, comp, out_channels, stride, pad, dil, shift, act_dtype, intrin):
