@@ -192,3 +192,42 @@ def test_measure_bundled_model_float_and_int8_on_the_board(board, tmp_path, targ
                          capture_output=True, text=True, check=True).stdout
     sdot = sum(1 for line in asm.splitlines() if "\tsdot\t" in line or "\tudot\t" in line)
     assert (sdot > 0) == dot_instructions, f"{sdot} sdot/udot instructions for {target}"
+
+
+# ---------------------------------------------------------------- i8mm (smmla) on the board
+def test_i8mm_bundled_model_on_board_matches_x86(session, tmp_path, bundled_model,
+                                                 bundled_test_data, bundled_calib_data):
+    """The int8 CNN built for aarch64-i8mm (every conv/dense on smmla) runs on the board
+    (qemu's default CPU model implements FEAT_I8MM; a CPU without it traps SIGILL) and gives
+    bit-identical logits to the same quantization built for x86 and run here."""
+    import shutil
+
+    from qcompile import artifact
+    from qcompile.build import compile_model
+    from qcompile.target import load_spec
+
+    arm = compile_model(bundled_model, "aarch64-i8mm", tmp_path / "arm", quantize="int8",
+                        calib=bundled_calib_data)
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    assert objdump
+    asm = subprocess.run([objdump, "-d", str(arm.library)], capture_output=True, text=True,
+                         check=True).stdout
+    assert sum("\tsmmla\t" in ln for ln in asm.splitlines()) >= 32
+    # The x86 reference quantizes exactly as aarch64-i8mm does (full 8-bit weights, no
+    # reduce_range), so both libraries hold the same int8 model.
+    ref_toml = tmp_path / "x86-full-range.toml"
+    ref_toml.write_text('name = "x86-full-range"\narch = "x86_64"\nisa_features = ["avx2"]\n'
+                        'int8_intrinsic = "avx2-vpmaddubsw"\nreduce_range = false\n'
+                        '[tvm]\nkind = "llvm"\nmcpu = "haswell"\n')
+    host = compile_model(bundled_model, load_spec(ref_toml), tmp_path / "x86",
+                         quantize="int8", calib=bundled_calib_data)
+    remote = artifact.load(arm.directory, session=session)
+    local = artifact.load(host.directory)
+    data = np.load(bundled_test_data)
+    name = remote.inputs[0].name
+    got, ref = [], []
+    for k in range(64):
+        feed = {name: data["input"][k:k + 1]}
+        got.append(remote.run(feed)[0])
+        ref.append(local.run(feed)[0])
+    np.testing.assert_array_equal(np.concatenate(got), np.concatenate(ref))
