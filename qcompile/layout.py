@@ -38,6 +38,8 @@ KERNEL_ATTR = "qcompile_kernel"
 # transpose of a 2x8 weight block (two output channels) -> 2x2 int32.
 I8MM_LANES = 2
 I8MM_K = 8
+# CUDA s8 tensor cores (wmma m16n16k16): every GEMM dimension padded to 16.
+MMA_TILE = 16
 INTRIN_ATTR = "qcompile_intrin"
 LANES_ATTR = "qcompile_lanes"
 
@@ -58,9 +60,10 @@ def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | Non
     from tvm.target import codegen
 
     if target is not None and target.kind.name == "cuda":
-        # int8 conv2d/matmul only (dp4a); float kernels stay with LegalizeOps + dlight
-        intrin = force_intrin or "cuda-dp4a"
-        return LayoutPlan(0, intrin, 4, "int8")
+        # int8 conv2d/matmul only (s8 tensor cores from sm_72, dp4a before); float kernels
+        # stay with LegalizeOps + dlight
+        intrin = force_intrin or ("cuda-mma" if _cuda_sm(target) >= 72 else "cuda-dp4a")
+        return LayoutPlan(0, intrin, MMA_TILE if intrin == "cuda-mma" else 4, "int8")
     if target is None or target.kind.name != "llvm":
         return None
 
@@ -90,10 +93,16 @@ def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | Non
         # as plain TIR when portable (bit-exact on any machine); "generic": no intrinsic.
         base = force_intrin.removeprefix("portable-")
         lanes = {"avx512-vnni": 16, "avx2-vpmaddubsw": 8, "arm-sdot": 4,
-                 "arm-i8mm": I8MM_LANES}.get(base, 8)
-        act = "int8" if base in ("arm-sdot", "arm-i8mm", "generic") else "uint8"
+                 "arm-i8mm": I8MM_LANES, "cuda-mma": MMA_TILE}.get(base, 8)
+        act = "int8" if base in ("arm-sdot", "arm-i8mm", "cuda-mma", "generic") else "uint8"
         plan = LayoutPlan(plan.float_lanes, force_intrin, lanes, act)
     return plan
+
+
+def _cuda_sm(target) -> int:
+    """The compute capability of a CUDA target as an int (``sm_80`` -> 80; 0 if unknown)."""
+    arch = str(target.attrs.get("arch", ""))
+    return int(arch[3:]) if arch.startswith("sm_") and arch[3:].isdigit() else 0
 
 
 def _ceil(a: int, b: int) -> int:
@@ -284,18 +293,20 @@ def conv2d_depthwise_packed(x, wp, stride, pad, dil, lanes, out_dtype):
     cb = int(wp.shape[0])
     pt, pl, pb, pr = pad
 
-    def _xval(b, cc, i, j, ci):
-        ch = cc * lanes + ci
-        valid = tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl, ch < c)
-        return tirx.if_then_else(valid, x[b, tirx.min(ch, c - 1), i - pt, j - pl],
-                                 tirx.const(0, x.dtype))
-
     # int8 -> int32 in float32 arithmetic: every product and partial sum is an integer of
     # magnitude < kh*kw*255*128 < 2**24 (checked by the caller), so float32 is exact and
     # the kernel runs on FMA lanes instead of 32-bit integer multiplies.
     acc = "float32" if out_dtype == "int32" else out_dtype
-    xp = te.compute((n, cb, h + pt + pb, w + pl + pr, lanes),
-                    lambda *idx: _xval(*idx).astype(acc), name="pack_nchwc")
+
+    def _xval(b, cc, i, j, ci):
+        ch = cc * lanes + ci
+        valid = tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl, ch < c)
+        # the cast inside the select: the plain padding pattern, which the schedule splits
+        # into a zero fill and an unpredicated (vectorizable) copy
+        return tirx.if_then_else(valid, x[b, tirx.min(ch, c - 1), i - pt, j - pl].astype(acc),
+                                 tirx.const(0, acc))
+
+    xp = te.compute((n, cb, h + pt + pb, w + pl + pr, lanes), _xval, name="pack_nchwc")
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
     conv = te.compute(
@@ -489,6 +500,102 @@ def matmul_packed_i8mm(a, bp, comp, n_out, shift, act_dtype, intrin):
     return te.compute((m, n_out), lambda i, j: mm[i, j] - comp[j], name="matmul_shift_comp")
 
 
+# --------------------------------------------------------------------------- CUDA s8 tensor cores
+# wmma multiplies 16x16 s8 tiles into 16x16 s32 (mma.sync ... s32.s8.s8.s32 in the PTX). The
+# kernels are plain GEMMs over zero-padded, row-major operands: ``A[Mp, Kp]`` (a matmul's
+# activation, or a conv's im2col matrix with rows = output pixels ``(n, oh, ow)`` and
+# columns = ``(c, kh, kw)``) times ``W[Np, Kp]`` (weights transposed, k contiguous, which is
+# wmma's col-major B). The conv result is read back to NCHW by the epilogue.
+
+
+def pack_matmul_weight_mma(b: np.ndarray) -> np.ndarray:
+    """[K, N] -> [Np, Kp] (transposed, N and K zero-padded to multiples of 16)."""
+    k, n = b.shape
+    out = np.zeros((_ceil(n, MMA_TILE) * MMA_TILE, _ceil(k, MMA_TILE) * MMA_TILE), b.dtype)
+    out[:n, :k] = b.T
+    return out
+
+
+def pack_conv_weight_mma(w: np.ndarray) -> np.ndarray:
+    """OIHW -> [Op, Kp], K = C*KH*KW in (c, kh, kw) order, zero-padded to multiples of 16."""
+    o = w.shape[0]
+    return pack_matmul_weight_mma(w.reshape(o, -1).T)
+
+
+def _shifted(v, shift, act_dtype):
+    from tvm import tirx
+
+    v = tirx.if_then_else(v[0], v[1].astype("int32"), tirx.const(0, "int32"))
+    return (v + shift if shift else v).astype(act_dtype)
+
+
+def conv2d_mma_int8(x, wp, comp, out_channels, kernel, stride, pad, dil, shift, act_dtype,
+                    intrin):
+    """NCHW int8 conv2d as an s8 tensor-core GEMM: in-kernel im2col ``[Mp, Kp]`` times the
+    packed weights ``[Op, Kp]``; the epilogue reads the ``[pixel, channel]`` result as NCHW."""
+    from tvm import te, tirx
+
+    n, c, h, w = (int(v) for v in x.shape)
+    kh, kw = kernel
+    oh, ow = _out_hw(h, w, kh, kw, stride, pad, dil)
+    op, kp = (int(v) for v in wp.shape)
+    m, k = n * oh * ow, c * kh * kw
+    mp = _ceil(m, MMA_TILE) * MMA_TILE
+    pt, pl = pad[0], pad[1]
+
+    def _col(r, q):
+        r, q = tirx.min(r, m - 1), tirx.min(q, k - 1)
+        b, pix = r // (oh * ow), r % (oh * ow)
+        ch, tap = q // (kh * kw), q % (kh * kw)
+        row = pix // ow * stride[0] + tap // kw * dil[0] - pt
+        col = pix % ow * stride[1] + tap % kw * dil[1] - pl
+        valid = tirx.all(row >= 0, row < h, col >= 0, col < w)
+        return b, ch, row, col, valid
+
+    def _aval(r, q):
+        b, ch, row, col, valid = _col(r, q)
+        ok = tirx.all(r < m, q < k, valid)
+        return _shifted((ok, x[b, ch, tirx.max(tirx.min(row, h - 1), 0),
+                               tirx.max(tirx.min(col, w - 1), 0)]), shift, act_dtype)
+
+    xa = te.compute((mp, kp), _aval, name="pack_im2col")
+    rk = te.reduce_axis((0, kp), "rk")
+    gemm = te.compute(
+        (mp, op),
+        lambda r, o: te.sum(xa[r, rk].astype("int32") * wp[o, rk].astype("int32"), axis=rk),
+        name="conv2d_mma_int8",
+        attrs={KERNEL_ATTR: "conv2d_mma_int8", INTRIN_ATTR: intrin, LANES_ATTR: MMA_TILE})
+
+    def _out(b, o, i, j):
+        v = gemm[(b * oh + i) * ow + j, o]
+        return v - comp[o] if comp is not None else v
+
+    return te.compute((n, out_channels, oh, ow), _out, name="conv2d_mma_nchw")
+
+
+def matmul_mma_int8(a, bp, comp, n_out, shift, act_dtype, intrin):
+    """[M, K] int8 x packed [Np, Kp] -> [M, N] int32 on s8 tensor cores."""
+    from tvm import te, tirx
+
+    m, k = (int(v) for v in a.shape)
+    npad, kp = (int(v) for v in bp.shape)
+    mp = _ceil(m, MMA_TILE) * MMA_TILE
+    ap = te.compute(
+        (mp, kp),
+        lambda i, q: _shifted((tirx.all(i < m, q < k), a[tirx.min(i, m - 1), tirx.min(q, k - 1)]),
+                              shift, act_dtype),
+        name="pack_rows")
+    rk = te.reduce_axis((0, kp), "rk")
+    mm = te.compute(
+        (mp, npad),
+        lambda i, j: te.sum(ap[i, rk].astype("int32") * bp[j, rk].astype("int32"), axis=rk),
+        name="matmul_mma_int8",
+        attrs={KERNEL_ATTR: "matmul_mma_int8", INTRIN_ATTR: intrin, LANES_ATTR: MMA_TILE})
+    if comp is None:
+        return te.compute((m, n_out), lambda i, j: mm[i, j], name="matmul_slice")
+    return te.compute((m, n_out), lambda i, j: mm[i, j] - comp[j], name="matmul_shift_comp")
+
+
 # --------------------------------------------------------------------------- Relax rewrite
 def _static_shape(expr):
     try:
@@ -604,6 +711,15 @@ def _make_mutator(plan: LayoutPlan):
                 return bb.call_te(conv2d_packed_i8mm, x, relax.const(pack_conv_weight_i8mm(w)),
                                   comp, o, stride, pad, dil, shift, act, intrin,
                                   primfunc_name_hint="conv2d_packed_i8mm")
+            if intrin.removeprefix("portable-") == "cuda-mma":
+                act, shift = _int8_parts(plan, x_dtype)
+                comp = None
+                if shift:
+                    comp = relax.const((shift * w.astype(np.int64).sum(axis=(1, 2, 3)))
+                                       .astype(np.int32))
+                return bb.call_te(conv2d_mma_int8, x, relax.const(pack_conv_weight_mma(w)),
+                                  comp, o, tuple(w.shape[2:]), stride, pad, dil, shift, act,
+                                  intrin, primfunc_name_hint="conv2d_mma_int8")
             wp = pack_conv_weight_int8(w, lanes)
             if intrin.endswith("avx2-vpmaddubsw") and not vpmaddubsw_exact(wp):
                 intrin = "generic"  # saturating int16 pairs would change results
@@ -643,6 +759,15 @@ def _make_mutator(plan: LayoutPlan):
                     return bb.call_te(matmul_packed_i8mm, a,
                                       relax.const(pack_matmul_weight_i8mm(b)), comp, n, shift,
                                       act, intrin, primfunc_name_hint="matmul_packed_i8mm")
+                if intrin.removeprefix("portable-") == "cuda-mma":
+                    act, shift = _int8_parts(plan, a_dtype)
+                    comp = None
+                    if shift:
+                        comp = relax.const((shift * b.astype(np.int64).sum(axis=0))
+                                           .astype(np.int32))
+                    return bb.call_te(matmul_mma_int8, a, relax.const(pack_matmul_weight_mma(b)),
+                                      comp, n, shift, act, intrin,
+                                      primfunc_name_hint="matmul_mma_int8")
                 bp = pack_matmul_weight_int8(b, lanes)
                 if intrin.endswith("avx2-vpmaddubsw") and not vpmaddubsw_exact(bp):
                     intrin = "generic"

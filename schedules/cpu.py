@@ -253,9 +253,94 @@ def _schedule_producers(sch, block, width: int):
             _schedule_spatial(sch, prod, width, min_parallel=0)
 
 
+def _width_stride(sch, block, buffer_rank: int) -> int | None:
+    """Stride along the output width ``j`` of the block's read of its (padded) input:
+    the coefficient of ``j`` in the width index of the ``buffer_rank``-D read."""
+    from tvm.sym.analyzer import Analyzer
+
+    blk = sch.get(block)
+    ivars = [(iv.var, str(iv.dom.extent.ty)) for iv in blk.iter_vars]
+    vj = ivars[3][0]
+
+    def at(idx, j_value):  # the index with every block var 0 but j
+        ana = Analyzer()
+        for v, dt in ivars:
+            ana.bind(v, tirx.const(j_value if v.same_as(vj) else 0, dt))
+        return ana.simplify(idx)
+
+    for region in blk.reads:
+        buf = _region_buffer(region)
+        if len(buf.shape) != buffer_rank:
+            continue
+        idx = region.region[3].min
+        diff = Analyzer().simplify(at(idx, 1) - at(idx, 0))
+        if isinstance(diff, tirx.IntImm):
+            return int(diff)
+    return None
+
+
+# Accumulator vectors per register tile of the pixel-vector kernels: AVX-512 has 32
+# vector registers, AVX2 16 (the vpmaddubsw tile also needs temporaries).
+PIXEL_ACC_BUDGET = {16: 16, 8: 8}
+# Use the pixel-vector int8 conv kernel where it fits (stride 1, width a multiple of the
+# tile); False: always the channel-vector kernel.
+INT8_PIXEL_TILES = True
+
+
+def _pixel_tile(n_vec: int, budget: int, max_ch: int = 16) -> tuple[int, int]:
+    """(pixel vectors, output channels) per register tile: as many pixel vectors as
+    divide the row (<= 4, or the whole row when it is <= budget/2 vectors), then as many
+    channels (a power of two) as the accumulator budget leaves."""
+    if n_vec <= budget // 2 and n_vec > 4:
+        nv = n_vec
+    else:
+        nv = max(d for d in range(1, min(4, n_vec) + 1) if n_vec % d == 0)
+    ch = 1
+    while ch * 2 * nv <= budget and ch * 2 <= max_ch:
+        ch *= 2
+    return nv, ch
+
+
+def schedule_conv2d_int8_pixels(sch, block, px_lanes: int, intrin: str, vec_width: int):
+    """int8 conv2d, stride 1: register tile = ``ch`` output channels x ``nv`` vectors of
+    ``px_lanes`` consecutive output pixels; each step is one pixel tile (x86.get_pixel_intrin:
+    4*L contiguous activation bytes x 4 broadcast weight bytes). The accumulators are NCHW
+    rows, so the fused epilogue (bias, requantize, clip, residual add) is vectorized along
+    the row and stored contiguously."""
+    from .x86 import get_pixel_intrin
+
+    b, o, i, j, rc, rh, rw, r4 = sch.get_loops(block)
+    ow = _extent(sch, j)
+    budget = PIXEL_ACC_BUDGET[16 if vec_width >= 16 else 8]
+    nv, ch = _pixel_tile(ow // px_lanes, budget)
+    oo, oc = sch.split(o, [None, ch])
+    jo, jn, jv = sch.split(j, [None, nv, px_lanes])
+    sch.reorder(b, oo, i, jo, rc, rh, rw, oc, jn, jv, r4)
+    _schedule_producers(sch, block, vec_width)
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    wl = sch.get_loops(wb)[4:]
+    if len(wl) == 4:
+        _vector_split(sch, wl[3], px_lanes)
+    _parallel(sch, block, [b, oo, i])
+    init = sch.decompose_reduction(block, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(jv, get_pixel_intrin(intrin, px_lanes, ACC_SCOPE))
+    sch.unroll(jn)
+    sch.unroll(oc)
+
+
 def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     """conv2d_packed (float) and conv2d_packed_int8: see the module docstring."""
     is_int8 = intrin != "float"
+    if is_int8 and INT8_PIXEL_TILES:
+        from .x86 import pixel_lanes
+
+        ow = _extent(sch, sch.get_loops(block)[3])
+        px = pixel_lanes(intrin, ow)
+        if px and _width_stride(sch, block, 5) == 1:
+            return schedule_conv2d_int8_pixels(sch, block, px, intrin, vec_width)
     loops = sch.get_loops(block)
     if is_int8:
         b, o, i, j, rc, rh, rw, r4 = loops
@@ -298,6 +383,84 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
             sch.vectorize(wl[1])
     _parallel(sch, block, [b, oo, i])
     _finish_inner(sch, block, ji, oi, r4 if is_int8 else None, intrin, lanes, rc)
+
+
+# Depthwise: vector over output pixels (a row of one channel) for outputs at least this
+# wide; narrower outputs keep the channel-vector kernel (a 7-wide row fills half a vector).
+DW_PIXEL_MIN_WIDTH = 8
+DW_PIXEL_TILES = True
+
+
+def _producer_writing(sch, block, rank: int):
+    for prod in sch.get_producers(block):
+        wr = sch.get(prod).writes
+        if len(wr) == 1 and len(_region_buffer(wr[0]).shape) == rank:
+            return prod
+    return None
+
+
+def _read_index(sch, block, buf) -> int:
+    for k, region in enumerate(sch.get(block).reads):
+        if _region_buffer(region).same_as(buf):
+            return k
+    raise ValueError("buffer not read by block")
+
+
+def _schedule_pad_copy(sch, pack, loop, vec_width: int):
+    """A padding copy under ``loop``: the zero fill and the in-bounds copy as two nests
+    (no per-element bounds test, so both vectorize), innermost loops vectorized."""
+    try:
+        fill = sch.decompose_padding(pack, loop)
+    except Exception:  # noqa: BLE001 - not the plain padding pattern: one nest, predicated
+        fill = None
+    for blk in ([fill] if fill is not None else []) + [pack]:
+        lps = sch.get_loops(blk)
+        if lps:
+            _vector_split(sch, lps[-1], vec_width)
+
+
+def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
+    """Depthwise, vector over output pixels: the padding stage writes each channel as a
+    padded plane (its buffer re-laid out from ``[N, C/L, H, W, L]`` to ``[N, C/L, L, H, W]``,
+    or ``[..., H, 2, W/2]`` de-interleaved for stride 2 so that every tap is a contiguous
+    load) right before the channel is used; the register tile is a row of one channel,
+    its epilogue stored contiguously into the NCHW output. False when it does not apply."""
+    b, o, i, j, rh, rw = sch.get_loops(block)
+    ow = _extent(sch, j)
+    stride = _width_stride(sch, block, 5)
+    pack = _producer_writing(sch, block, 5)
+    if ow < DW_PIXEL_MIN_WIDTH or stride is None or pack is None:
+        return False
+    buf = _region_buffer(sch.get(pack).writes[0])
+    wp = int(buf.shape[3])
+    if stride == 2 and wp % 2 == 0:
+        def index_map(n, cb, h, w, lane):
+            return (n, cb, lane, h, w % 2, w // 2)
+    else:
+        def index_map(n, cb, h, w, lane):
+            return (n, cb, lane, h, w)
+    sch.transform_layout(block, ("read", _read_index(sch, block, buf)), index_map)
+    sch.transform_block_layout(pack, index_map)
+    tw = ow
+    if ow > 8 * vec_width:
+        tw = max(d for d in range(1, 8 * vec_width + 1) if ow % d == 0)
+    jo, ji = sch.split(j, [None, tw])
+    sch.reorder(b, o, i, jo, rh, rw, ji)
+    sch.compute_at(pack, o, preserve_unit_loops=True)
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    _vector_split(sch, sch.get_loops(wb)[-1], tw)
+    pl = sch.get_loops(pack)
+    _schedule_pad_copy(sch, pack, pl[2], vec_width)
+    if _work(sch, block) >= MIN_PARALLEL_WORK:
+        sch.parallel(sch.fuse(b, o))
+    sch.vectorize(ji)
+    sch.unroll(rw)
+    sch.unroll(rh)
+    init = sch.decompose_reduction(block, rh)
+    sch.vectorize(sch.get_loops(init)[-1])
+    return True
 
 
 def schedule_conv2d_dw_packed(sch, block, lanes: int, vec_width: int):
@@ -407,7 +570,17 @@ def apply_packed_rule(func, target):
     elif kind in ("matmul_packed", "matmul_packed_int8"):
         schedule_matmul_packed(sch, block, lanes, intrin if kind.endswith("int8") else "float", vec)
     elif kind == "conv2d_dw_packed":
-        schedule_conv2d_dw_packed(sch, block, lanes, vec)
+        ok = False
+        if DW_PIXEL_TILES:
+            try:
+                ok = schedule_conv2d_dw_pixels(sch, block, vec)
+            except Exception:  # noqa: BLE001 - start over with the channel-vector kernel
+                if os.environ.get("QCOMPILE_SCHEDULE_DEBUG"):
+                    raise
+                sch = s_tir.Schedule(func)
+                block, _ = _find_annotated(sch)
+        if not ok:
+            schedule_conv2d_dw_packed(sch, block, lanes, vec)
     elif kind == "conv2d_spatial":
         schedule_conv2d_spatial(sch, block, vec, 2 * vec)
     else:
