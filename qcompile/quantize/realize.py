@@ -35,6 +35,19 @@ int32 accumulators up to 2^24 exactly, and beyond that its relative error
 (2^-24) is far below one output step. The fixed-point form stays available
 for targets where bit-exact agreement across platforms matters more.
 
+Residual adds (ResNet, MobileNetV2): a layer without an activation of its own
+whose output only feeds ``add(out, r)`` (same shape, ``r`` another tensor),
+optionally followed by ReLU/Clip, takes the add into its epilogue::
+
+    y = round(acc * M + (q_r - zp_r) * M_r) + zp_y,  clipped   M_r = s_r / s_y
+        (or, when the sum feeds float consumers: act(acc * s_x s_w + s_r (q_r - zp_r)))
+
+``q_r`` is the residual in int8 when it is carried quantized (a root: the
+block input); a residual that only exists in float (a projection shortcut's
+conv output) is added in float. FuseOps then puts conv + bias + requantize +
+residual + ReLU into the conv kernel, which reads the residual in int8 and
+writes int8: no float tensor is stored between blocks.
+
 Ops on the path between two quantized layers that commute with a monotone
 per-tensor quantization (max-pool, reshape, permute, squeeze, expand_dims)
 run on the int8 tensor. Everything else stays float, with dequantize /
@@ -167,6 +180,17 @@ def emit_requant_fixed(bb, acc, multiplier, bshape, zero_point, lo, hi):
     return bb.emit(relax.op.clip(y, _prim(lo, "int64"), _prim(hi, "int64")))
 
 
+def _residual_fixed_point(multiplier: np.ndarray, residual_multiplier: float):
+    """``(m0, m_r, shift)`` per channel with ``acc * m0 + r * m_r`` scaled by ``2**-shift``,
+    or None when the residual term could overflow int64 (then the float epilogue is used)."""
+    m0, shift = fixed_point(multiplier)
+    m_r = np.round(residual_multiplier * np.exp2(shift.astype(np.float64))).astype(np.int64)
+    # |acc * m0| < 2^62; |q_r - zp_r| <= 255: keep the sum below 2^63
+    if np.any(np.abs(m_r) >= (1 << 53)):
+        return None
+    return m0, m_r, shift
+
+
 def output_clip(p: QParams, activation) -> tuple[int, int]:
     """The integer clip range implementing ``activation`` on the quantized output."""
     lo, hi = p.qmin, p.qmax
@@ -177,6 +201,86 @@ def output_clip(p: QParams, activation) -> tuple[int, int]:
     a, b = activation[1], activation[2]
     return (max(lo, p.zero_point + int(np.round(a / p.scale))),
             min(hi, p.zero_point + int(np.round(b / p.scale))))
+
+
+@dataclass(frozen=True)
+class ResidualAdd:
+    """``final = [act](add(layer.out_var, other))``, taken into ``layer``'s epilogue."""
+
+    layer: object       # the plan Layer whose output feeds the add
+    add_var: object     # the add binding's var
+    other: object       # the residual operand (a relax Var)
+    activation: tuple | None  # None | ("relu",) | ("clip", lo, hi) after the add
+    act_var: object | None
+    final: object       # act_var or add_var: the tensor the epilogue produces
+
+
+def _scalar_of(expr) -> float | None:
+    value = _ir.const_value(expr)
+    if value is not None and value.size == 1:
+        return float(value.reshape(-1)[0])
+    inner = getattr(expr, "value", None)  # PrimValue -> IntImm / FloatImm
+    if isinstance(inner, (int, float)):
+        return float(inner)
+    if inner is not None and hasattr(inner, "value"):
+        return float(inner.value)
+    return None
+
+
+def _activation_of(binding, source) -> tuple | None:
+    """``("relu",)`` / ``("clip", lo, hi)`` if ``binding`` is that activation of ``source``."""
+    name = _ir.op_name(binding.value)
+    if name not in ("relax.nn.relu", "relax.clip") or not binding.value.args[0].same_as(source):
+        return None
+    if name == "relax.nn.relu":
+        return ("relu",)
+    lo, hi = _scalar_of(binding.value.args[1]), _scalar_of(binding.value.args[2])
+    return None if lo is None or hi is None else ("clip", lo, hi)
+
+
+def find_residual_adds(func, plan) -> dict:
+    """{add var: ResidualAdd} for the quantized layers whose epilogue can take an add.
+
+    A layer qualifies when it has no activation of its own, its output is not
+    itself quantized for a consumer (then it is requantized, not added), and
+    its only user is an ``add`` with another float tensor of the same shape.
+    When both operands of an add are such layers, the one whose other operand
+    is carried in int8 takes it (else the first operand's layer).
+    """
+    from tvm import relax
+
+    uses = _ir.use_map(func)
+    quantized_out = set(plan.roots) | set(plan.shared)
+    candidates: dict = {}
+    for layer in plan.quantized():
+        out = layer.out_var
+        if layer.activation is not None or out in quantized_out:
+            continue
+        users = uses.get(out, [])
+        if len(users) != 1 or users[0] == "return" or _ir.op_name(users[0].value) != "relax.add":
+            continue
+        add = users[0]
+        a, b = add.value.args
+        other = b if a.same_as(out) else a
+        shape = _ir.tensor_shape(out)
+        if (not isinstance(other, relax.Var) or other.same_as(out) or shape is None
+                or _ir.tensor_dtype(other) != "float32" or _ir.tensor_shape(other) != shape
+                or _ir.tensor_shape(add.var) != shape):
+            continue
+        activation = act_var = None
+        add_users = uses.get(add.var, [])
+        if len(add_users) == 1 and add_users[0] != "return":
+            activation = _activation_of(add_users[0], add.var)
+            if activation is not None:
+                act_var = add_users[0].var
+        candidates.setdefault(add.var, []).append(
+            ResidualAdd(layer, add.var, other, activation, act_var,
+                        add.var if act_var is None else act_var))
+    chosen = {}
+    for add_var, options in candidates.items():
+        int8_other = [o for o in options if o.other in plan.int8_vars]
+        chosen[add_var] = (int8_other or options)[0]
+    return chosen
 
 
 def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bool = False,
@@ -197,13 +301,22 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
 
     layers = {l.anchor: l for l in plan.quantized()}
     absorbed = {v for l in plan.quantized() for v in (l.bias_var, l.act_var) if v is not None}
+    residuals = find_residual_adds(mod["main"], plan)
+    by_layer = {r.layer.anchor: r for r in residuals.values()}
+    absorbed |= {r.act_var for r in residuals.values() if r.act_var is not None}
     roots = set(plan.roots)
     names = names or {}
     fl: dict = {}   # original var -> new float expr
     qt: dict = {}   # original var -> (new int expr, QParams)
+    pending: dict = {}  # layer out var -> (int32 acc, acc scale, bshape, record): add not seen yet
     records = []
 
     def get_float(bb, var):
+        if var not in fl and var in pending:  # a fused layer's own output, asked for by SQNR
+            acc, acc_scale, bshape, _record = pending[var]
+            fl[var] = bb.emit(relax.op.multiply(bb.emit(relax.op.astype(acc, "float32")),
+                                                _ir.const(acc_scale.astype(np.float32)
+                                                          .reshape(bshape))))
         if var not in fl:
             q, p = qt[var]
             fl[var] = emit_dequantize(bb, q, p, name=f"{var.name}_dq")
@@ -227,6 +340,9 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
 
     def visit(bb, binding, _remap):
         var = binding.var
+        if var in residuals:
+            emit_residual(bb, residuals[var])
+            return
         if var in absorbed:
             return
         if var in layers:
@@ -287,8 +403,6 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         if np.any(bias_q != 0):
             acc = bb.emit(relax.op.add(acc, _ir.const(bias_q.reshape(bshape), "int32")))
         out = layer.out_var
-        accf = None if ((out in roots or out in plan.shared) and requant == "fixed") else \
-            bb.emit(relax.op.astype(acc, "float32"))
         record = {"name": layer.name, "op": layer.onnx_op, "kind": layer.kind, "int8": True,
                   "input": {"tensor": names.get(layer.root, layer.root.name),
                             **p_in.to_dict()},
@@ -298,6 +412,11 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
                              "scale": [float(s) for s in s_w]},
                   "activation": layer.activation[0] if layer.activation else None,
                   "groups": int(layer.call.attrs.groups) if layer.kind == "conv2d" else 1}
+        if layer.anchor in by_layer:  # the epilogue is emitted at the residual add
+            pending[out] = (acc, acc_scale, bshape, record)
+            return
+        accf = None if ((out in roots or out in plan.shared) and requant == "fixed") else \
+            bb.emit(relax.op.astype(acc, "float32"))
         if out in roots or out in plan.shared:
             p_out = qparams[plan.params_root(out)]
             lo, hi = output_clip(p_out, layer.activation)
@@ -324,6 +443,79 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
                                           _prim(layer.activation[2])))
             fl[out] = y
             record["output"] = {"tensor": names.get(out, out.name), "dtype": "float32",
+                                "requantized": False}
+        records.append(record)
+
+    def emit_residual(bb, res: ResidualAdd):
+        """The pending layer's epilogue with the residual add (and activation) in it."""
+        layer, final = res.layer, res.final
+        acc, acc_scale, bshape, record = pending[layer.out_var]
+        int8_res = res.other in qt
+        r_q, p_r = qt[res.other] if int8_res else (None, None)
+        record["activation"] = res.activation[0] if res.activation else None
+        record["residual"] = {"tensor": names.get(res.other, res.other.name),
+                              "int8": int8_res,
+                              **({"scale": p_r.scale, "zero_point": p_r.zero_point,
+                                  "dtype": p_r.dtype} if int8_res else {"dtype": "float32"})}
+        if final in roots or final in plan.shared:
+            p_out = qparams[plan.params_root(final)]
+            lo, hi = output_clip(p_out, res.activation)
+            fixed = requant == "fixed" and int8_res and \
+                _residual_fixed_point(acc_scale / p_out.scale, p_r.scale / p_out.scale)
+            if fixed:
+                m0, m_r, shift = fixed
+                y = bb.emit(relax.op.multiply(relax.op.astype(acc, "int64"),
+                                              _ir.const(m0.reshape(bshape), "int64")))
+                r = bb.emit(relax.op.astype(r_q, "int64"))
+                if p_r.zero_point:
+                    r = bb.emit(relax.op.subtract(r, _ir.const(np.int64(p_r.zero_point), "int64")))
+                y = bb.emit(relax.op.add(y, relax.op.multiply(
+                    r, _ir.const(m_r.reshape(bshape), "int64"))))
+                y = bb.emit(relax.op.add(y, _ir.const(
+                    (np.int64(1) << (shift - 1)).reshape(bshape), "int64")))
+                y = bb.emit(relax.op.right_shift(y, _ir.const(shift.reshape(bshape), "int64")))
+                if p_out.zero_point:
+                    y = bb.emit(relax.op.add(y, _ir.const(np.int64(p_out.zero_point), "int64")))
+                y = bb.emit(relax.op.clip(y, _prim(lo, "int64"), _prim(hi, "int64")))
+            else:
+                accf = bb.emit(relax.op.astype(acc, "float32"))
+                mult = (acc_scale / p_out.scale).astype(np.float32)
+                y = bb.emit(relax.op.multiply(accf, _ir.const(mult.reshape(bshape))))
+                if int8_res:
+                    r = bb.emit(relax.op.astype(r_q, "float32"))
+                    if p_r.zero_point:
+                        r = bb.emit(relax.op.subtract(r, _ir.const(np.float32(p_r.zero_point))))
+                    r_mult = np.float32(p_r.scale / p_out.scale)
+                else:
+                    r, r_mult = float_expr(bb, res.other), np.float32(1.0 / p_out.scale)
+                y = bb.emit(relax.op.add(y, relax.op.multiply(r, _ir.const(r_mult))))
+                y = bb.emit(relax.op.round(y))
+                if p_out.zero_point:
+                    y = bb.emit(relax.op.add(y, _ir.const(np.float32(p_out.zero_point))))
+                y = bb.emit(relax.op.clip(y, _prim(lo), _prim(hi)))
+            qt[final] = (bb.emit(relax.op.astype(y, p_out.dtype), name_hint=f"{final.name}_q"),
+                         p_out)
+            record["output"] = {"tensor": names.get(final, final.name), **p_out.to_dict(),
+                                "requantized": True}
+        else:
+            accf = bb.emit(relax.op.astype(acc, "float32"))
+            y = bb.emit(relax.op.multiply(accf, _ir.const(acc_scale.astype(np.float32)
+                                                          .reshape(bshape))))
+            if int8_res:
+                r = bb.emit(relax.op.astype(r_q, "float32"))
+                if p_r.zero_point:
+                    r = bb.emit(relax.op.subtract(r, _ir.const(np.float32(p_r.zero_point))))
+                r = bb.emit(relax.op.multiply(r, _ir.const(np.float32(p_r.scale))))
+            else:
+                r = float_expr(bb, res.other)
+            y = bb.emit(relax.op.add(y, r))
+            if res.activation is not None and res.activation[0] == "relu":
+                y = bb.emit(relax.op.nn.relu(y))
+            elif res.activation is not None:
+                y = bb.emit(relax.op.clip(y, _prim(res.activation[1]),
+                                          _prim(res.activation[2])))
+            fl[final] = y
+            record["output"] = {"tensor": names.get(final, final.name), "dtype": "float32",
                                 "requantized": False}
         records.append(record)
 
