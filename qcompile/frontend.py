@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, ModelError, UnsupportedOpError
+from .onnx_fold import fold_constants
 
 # QOperator-format quantized ops: TVM's importer cannot take them. QDQ can.
 QOPERATOR_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "QLinearAdd",
@@ -68,6 +69,7 @@ class ImportedModel:
     sha256: str
     opset: int
     notices: list[str] = field(default_factory=list)
+    folded_nodes: int = 0  # constant nodes evaluated before import (qcompile.onnx_fold)
 
     @property
     def name(self) -> str:
@@ -357,11 +359,14 @@ def import_onnx(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]
     inputs = graph_inputs(model, dict(input_shapes or {}), path, notices)
     shape_dict = {i.name: list(i.shape) for i in inputs}
     dtype_dict = {i.name: i.dtype for i in inputs}
+    # shape arithmetic (computed Pad pads, ConstantOfShape masks) that TVM's importer
+    # rejects becomes constants for these static input shapes
+    foldable, folded_nodes = fold_constants(model, {i.name: i.shape for i in inputs})
     failure = None
     try:
         # the importer prints every failing node with its inputs (pages of IR) to stdout
         with contextlib.redirect_stdout(io.StringIO()):
-            mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict,
+            mod = from_onnx(foldable, shape_dict=shape_dict, dtype_dict=dtype_dict,
                             keep_params_in_input=False)
         # Inference-mode BatchNorm and friends become plain arithmetic.
         mod = relax.transform.DecomposeOpsForInference()(mod)
@@ -373,7 +378,7 @@ def import_onnx(path: str | os.PathLike, input_shapes: dict[str, tuple[int, ...]
     outputs = _relax_outputs(mod, model, path)
     return ImportedModel(mod=mod, inputs=inputs, outputs=outputs, onnx_model=model,
                          path=path, sha256=sha256_file(path), opset=model_opset(model),
-                         notices=notices)
+                         notices=notices, folded_nodes=folded_nodes)
 
 
 def _discard_failed_import() -> None:
