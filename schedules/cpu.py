@@ -249,8 +249,17 @@ def _schedule_reduction_generic(sch, block, width: int):
 # --------------------------------------------------------------------------- packed kernels
 def _schedule_producers(sch, block, width: int):
     for prod in sch.get_producers(block):
-        if _is_spatial(sch, prod):
-            _schedule_spatial(sch, prod, width, min_parallel=0)
+        if not _is_spatial(sch, prod):
+            continue
+        # A padding stage: zero fill + unpredicated copy, each its own vectorized nest (a
+        # bounds test on the vector lanes would make the vectorizer scalarize the loop).
+        try:
+            fill = sch.decompose_padding(prod, sch.get_loops(prod)[0])
+        except Exception:  # noqa: BLE001 - not the plain padding pattern
+            fill = None
+        if fill is not None:
+            _schedule_spatial(sch, fill, width, min_parallel=0)
+        _schedule_spatial(sch, prod, width, min_parallel=0)
 
 
 def _width_stride(sch, block, buffer_rank: int) -> int | None:
@@ -279,6 +288,8 @@ def _width_stride(sch, block, buffer_rank: int) -> int | None:
     return None
 
 
+# Loop annotation naming the register tile a kernel got (tests read it from the TIR).
+TILE_ATTR = "qcompile_tile"
 # Accumulator vectors per register tile of the pixel-vector kernels: AVX-512 has 32
 # vector registers, AVX2 16 (the vpmaddubsw tile also needs temporaries).
 PIXEL_ACC_BUDGET = {16: 16, 8: 8}
@@ -301,6 +312,18 @@ def _pixel_tile(n_vec: int, budget: int, max_ch: int = 16) -> tuple[int, int]:
     return nv, ch
 
 
+def _vectorize_writeback(sch, wb, lanes: int):
+    """The tile write-back (n, o, h, w inside the tile): vectorize the row, unroll the rest,
+    so that every accumulator access has a constant index (registers, not stack memory)."""
+    wl = sch.get_loops(wb)[4:]
+    if len(wl) != 4:
+        return
+    _vector_split(sch, wl[3], lanes)
+    for lp in sch.get_loops(wb)[4:]:
+        if sch.get(lp).kind == tirx.ForKind.SERIAL and (_extent(sch, lp) or 0) > 1:
+            sch.unroll(lp)
+
+
 def schedule_conv2d_int8_pixels(sch, block, px_lanes: int, intrin: str, vec_width: int):
     """int8 conv2d, stride 1: register tile = ``ch`` output channels x ``nv`` vectors of
     ``px_lanes`` consecutive output pixels; each step is one pixel tile (x86.get_pixel_intrin:
@@ -316,13 +339,12 @@ def schedule_conv2d_int8_pixels(sch, block, px_lanes: int, intrin: str, vec_widt
     oo, oc = sch.split(o, [None, ch])
     jo, jn, jv = sch.split(j, [None, nv, px_lanes])
     sch.reorder(b, oo, i, jo, rc, rh, rw, oc, jn, jv, r4)
+    sch.annotate(jo, TILE_ATTR, "int8_pixels")
     _schedule_producers(sch, block, vec_width)
     wb = sch.cache_write(block, 0, ACC_SCOPE)
     _inline_epilogue(sch, wb)
     sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
-    wl = sch.get_loops(wb)[4:]
-    if len(wl) == 4:
-        _vector_split(sch, wl[3], px_lanes)
+    _vectorize_writeback(sch, wb, px_lanes)
     _parallel(sch, block, [b, oo, i])
     init = sch.decompose_reduction(block, rc)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -331,15 +353,65 @@ def schedule_conv2d_int8_pixels(sch, block, px_lanes: int, intrin: str, vec_widt
     sch.unroll(oc)
 
 
+# float conv: use the pixel-vector kernel where the output row fits it (stride 1).
+FLOAT_PIXEL_TILES = True
+
+
+def _float_pixel_lanes(ow: int, vec_width: int) -> int:
+    """Pixels per vector for a float row of ``ow``: a full vector dividing the row; 0: no
+    fit. Measured: odd-length vectors (<28 x float>) compile to lane-by-lane inserts and
+    extracts (20x slower), half vectors (ymm on AVX-512) lose to the zmm channel kernel."""
+    return vec_width if ow % vec_width == 0 else 0
+
+
+def schedule_conv2d_float_pixels(sch, block, px_lanes: int, vec_width: int):
+    """float conv2d, stride 1: register tile = ``ch`` output channels x ``nv`` vectors of
+    output pixels; each step broadcasts one weight per channel and loads ``nv`` input
+    vectors (contiguous in the padded NCHW input). Accumulators are NCHW rows: the fused
+    epilogue is vectorized along the row and stored contiguously."""
+    b, o, i, j, rc, rh, rw = sch.get_loops(block)
+    ow = _extent(sch, j)
+    budget = PIXEL_ACC_BUDGET[16 if vec_width >= 16 else 8] - (2 if vec_width >= 16 else 0)
+    nv, ch = _pixel_tile(ow // px_lanes, budget // max(1, -(-px_lanes // vec_width)))
+    oo, oc = sch.split(o, [None, ch])
+    jo, jn, jv = sch.split(j, [None, nv, px_lanes])
+    sch.reorder(b, oo, i, jo, rc, rh, rw, oc, jn, jv)
+    sch.annotate(jo, TILE_ATTR, "float_pixels")
+    _schedule_producers(sch, block, vec_width)
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    _vectorize_writeback(sch, wb, px_lanes)
+    _parallel(sch, block, [b, oo, i])
+    sch.vectorize(jv)
+    sch.unroll(jn)
+    sch.unroll(oc)
+    init = sch.decompose_reduction(block, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     """conv2d_packed (float) and conv2d_packed_int8: see the module docstring."""
     is_int8 = intrin != "float"
+    if not is_int8 and FLOAT_PIXEL_TILES:
+        loops = sch.get_loops(block)
+        ow = _extent(sch, loops[3])
+        px = _float_pixel_lanes(ow, vec_width)
+        one_by_one = _extent(sch, loops[5]) == 1 and _extent(sch, loops[6]) == 1
+        # 1x1 only: there the transposing write-back dominates; 3x3 measured slower
+        if px and one_by_one and _width_stride(sch, block, 4) == 1:
+            return schedule_conv2d_float_pixels(sch, block, px, vec_width)
     if is_int8 and INT8_PIXEL_TILES:
         from .x86 import pixel_lanes
 
-        ow = _extent(sch, sch.get_loops(block)[3])
+        loops = sch.get_loops(block)
+        ow = _extent(sch, loops[3])
         px = pixel_lanes(intrin, ow)
-        if px and _width_stride(sch, block, 5) == 1:
+        one_by_one = _extent(sch, loops[5]) == 1 and _extent(sch, loops[6]) == 1
+        full = px == pixel_lanes(intrin, 16)  # the ISA's full vector (zmm / AVX2 ymm)
+        # measured: 1x1 wins at any tile (the write-back dominates); a 3x3 at 56 wide on
+        # ymm loses to the zmm channel kernel (0.76 -> 1.11 ms), at 16 wide (zmm) it wins
+        if px and (one_by_one or full) and _width_stride(sch, block, 5) == 1:
             return schedule_conv2d_int8_pixels(sch, block, px, intrin, vec_width)
     loops = sch.get_loops(block)
     if is_int8:
@@ -433,7 +505,10 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
         return False
     buf = _region_buffer(sch.get(pack).writes[0])
     wp = int(buf.shape[3])
+    buf_rank = 5
     if stride == 2 and wp % 2 == 0:
+        buf_rank = 6
+
         def index_map(n, cb, h, w, lane):
             return (n, cb, lane, h, w % 2, w // 2)
     else:
@@ -446,6 +521,7 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
         tw = max(d for d in range(1, 8 * vec_width + 1) if ow % d == 0)
     jo, ji = sch.split(j, [None, tw])
     sch.reorder(b, o, i, jo, rh, rw, ji)
+    sch.annotate(jo, TILE_ATTR, "dw_pixels" + ("_deinterleaved" if buf_rank == 6 else ""))
     sch.compute_at(pack, o, preserve_unit_loops=True)
     wb = sch.cache_write(block, 0, ACC_SCOPE)
     _inline_epilogue(sch, wb)
