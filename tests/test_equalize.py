@@ -10,11 +10,15 @@ import pytest
 from conftest import EXAMPLES, save_model
 from onnx_builders import BUILDERS, random_inputs
 
+from qcompile.errors import InputError
 from qcompile.frontend import import_onnx
 from qcompile.quantize import QuantConfig, _ir, quantize_model
 from qcompile.quantize.cli_options import add_arguments, config_from_args
-from qcompile.quantize.equalize import _in_ranges, _out_ranges, equalize, find_pairs
+from qcompile.quantize.calibrate import CalibrationData
+from qcompile.quantize.equalize import (_in_ranges, _out_ranges, channel_ranges, equalize,
+                                        find_pairs)
 from qcompile.quantize.prepare import prepare
+from qcompile.target import get_target
 
 # builder -> equalizable pairs: depthwise: expand->dw, dw->project (both through ReLU6);
 # gemm / matmul: fc1 -(relu)-> fc2; residual_block: conv1 -(relu)-> conv2 (conv2 feeds
@@ -110,18 +114,52 @@ def test_clip_with_nonzero_lower_bound_is_not_equalized(imported):
 def test_quantize_with_equalize(imported):
     imp = imported["depthwise"]
     calib = [random_inputs(BUILDERS["depthwise"](0), seed=s, batch=1) for s in range(8)]
-    result = quantize_model(imp, calib, QuantConfig(equalize=True, progress=False), "host")
+    result = quantize_model(imp, calib, QuantConfig(equalize="activations", progress=False),
+                            "host")
     eq = result.summary["equalization"]
-    assert eq == {"pairs": 2, "sweeps": eq["sweeps"], "per_channel_clips": 2}
+    assert eq == {"mode": "activations", "pairs": 2, "sweeps": eq["sweeps"],
+                  "per_channel_clips": 2}
     assert len(result.summary["int8_layers"]) == 3
     assert result.summary["output_sqnr_db"] > 25
-    plain = quantize_model(imp, calib, QuantConfig(progress=False), "host")
+    plain = quantize_model(imp, calib, QuantConfig(equalize=None, progress=False), "host")
     assert plain.summary["equalization"] is None
+    with pytest.raises(InputError, match="equalize must be"):
+        QuantConfig(equalize="both").validate()
+
+
+def test_activation_aware_scales(imported):
+    """Measured ranges: before a depthwise conv every channel is scaled up to the largest
+    (its per-channel weights do not care); before a dense conv activation and weight
+    ranges meet in the middle. The function stays the same."""
+    imp = imported["depthwise"]
+    mod = prepare(imp.mod)
+    calib = CalibrationData([random_inputs(BUILDERS["depthwise"](0), seed=s, batch=1)
+                             for s in range(4)], "random")
+    ranges = channel_ranges(mod, get_target("host"), calib, imp.inputs)
+    assert len(ranges) == 2 and all(r.shape == (16,) and np.all(r > 0) for r in ranges.values())
+    after, report = equalize(mod, ranges=ranges)
+    into_dw, into_project = report["pairs"]
+    assert into_dw["activation_spread_before"] > 1.5
+    assert into_dw["activation_spread_after"] == pytest.approx(1.0)
+    measured = channel_ranges(after, get_target("host"), calib, imp.inputs)  # measured again
+    by_first = {p.first.anchor.name: p for p in find_pairs(after)}
+    for p in find_pairs(after):
+        a = measured[p.between]
+        if p.second.weight.shape[1] == 1:   # depthwise
+            np.testing.assert_allclose(a, a.max(), rtol=1e-4)
+        else:
+            r2 = _in_ranges(p.second, p.channels, p.rows_per_channel)
+            np.testing.assert_allclose(a, r2, rtol=1e-3)
+    assert set(by_first) == {into_dw["first"], into_project["first"]}
+    feeds = _feeds(imported, "depthwise", scale=8.0)
+    np.testing.assert_allclose(run(after, feeds, imp.inputs), run(mod, feeds, imp.inputs),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_cli_flag():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    assert config_from_args(parser.parse_args(["--equalize"])).equalize is True
-    assert config_from_args(parser.parse_args([])).equalize is QuantConfig().equalize
-    assert config_from_args(parser.parse_args(["--no-equalize"])).equalize is False
+    assert config_from_args(parser.parse_args(["--equalize"])).equalize == "activations"
+    assert config_from_args(parser.parse_args(["--equalize", "weights"])).equalize == "weights"
+    assert config_from_args(parser.parse_args([])).equalize == QuantConfig().equalize
+    assert config_from_args(parser.parse_args(["--no-equalize"])).equalize is None

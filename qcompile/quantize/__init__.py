@@ -34,7 +34,7 @@ from ..errors import InputError
 from .calibrate import CalibrationData, calibrate, load_calibration, observe_module
 from .observers import METHODS, make_observer
 from .plan import build_plan, tensor_names
-from .equalize import equalize
+from .equalize import channel_ranges, equalize
 from .prepare import prepare
 from .qdq import has_qdq, match_weight, strip_pairs, weight_table
 from .realize import QParams, act_qparams, realize
@@ -75,8 +75,9 @@ class QuantConfig:
     # CNN 38.1 -> 37.9 dB (7-bit), 42.4 -> 42.6 dB (8-bit), top-1 89.75 -> 89.70 %. On.
     bias_correction: bool = True
     # cross-layer equalization (quantize/equalize.py) of consecutive conv/matmul pairs
-    # before calibration; measured below the class (not the default unless it helps)
-    equalize: bool = False
+    # before calibration: None (off) | "weights" (data-free, Nagel et al.) | "activations"
+    # (scales from each channel's measured range: one more float pass over the data)
+    equalize: str | None = None
     requant: str = "float"            # float (float32 multiply, default) | fixed (int64 m0 >> n)
     sqnr: bool = True                 # per-layer SQNR vs float in the summary
     sqnr_samples: int = 64            # calibration samples used for SQNR
@@ -93,6 +94,13 @@ class QuantConfig:
             raise InputError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise InputError("--max-accuracy-drop must be >= 0")
+        if self.equalize is True:
+            self.equalize = "weights"
+        if self.equalize in (False, "none", ""):
+            self.equalize = None
+        if self.equalize not in (None, "weights", "activations"):
+            raise InputError(f"equalize must be weights, activations or none, got "
+                             f"'{self.equalize}'")
         if self.requant not in ("float", "fixed"):
             raise InputError(f"requantize mode must be float or fixed, got '{self.requant}'")
         bad = [o for o in self.ops if o not in ("conv2d", "matmul")]
@@ -191,7 +199,10 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         override = None
         float_mod = prepare(imported.mod)
         if config.equalize:
-            float_mod, equalized = equalize(float_mod)
+            ranges = (channel_ranges(float_mod, spec, data, imported.inputs, config.progress)
+                      if config.equalize == "activations" else None)
+            float_mod, equalized = equalize(float_mod, ranges=ranges,
+                                            per_channel=config.per_channel)
         plan = build_plan(float_mod, onnx_model, skip=config.skip, ops=config.ops)
         extra = [l.out_var for l in plan.quantized()] if config.sqnr else []
         means = ({l.input_var: (1 if l.kind == "conv2d" else -1) for l in plan.quantized()}
@@ -224,7 +235,8 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                         "symmetric": config.act_dtype == "int8" if not qdq else None},
         "bias_correction": bool(config.bias_correction and not qdq),
         "equalization": (None if equalized is None else
-                         {"pairs": len(equalized["pairs"]), "sweeps": equalized["sweeps"],
+                         {"mode": config.equalize,
+                          "pairs": len(equalized["pairs"]), "sweeps": equalized["sweeps"],
                           "per_channel_clips": sum(p["clip"] for p in equalized["pairs"])}),
         "requantize": ("float32 multiply + round-half-even" if config.requant == "float" else
                        "int64 fixed-point multiply + rounding right shift")

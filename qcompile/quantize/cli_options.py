@@ -60,11 +60,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bc.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
                     help="keep the model's biases as they are")
     eq = group.add_mutually_exclusive_group()
-    eq.add_argument("--equalize", dest="equalize", action="store_true", default=False,
-                    help="cross-layer equalization: rescale consecutive conv/matmul pairs "
-                         "(e.g. depthwise -> pointwise) so their per-channel weight ranges "
-                         "match, before calibration; the float function is unchanged")
-    eq.add_argument("--no-equalize", dest="equalize", action="store_false",
+    eq.add_argument("--equalize", nargs="?", const="activations", default=None,
+                    choices=("weights", "activations"),
+                    help="cross-layer equalization before calibration: rescale consecutive "
+                         "conv/matmul pairs (e.g. expand -> depthwise -> pointwise) channel "
+                         "by channel; the float function is unchanged. 'activations' "
+                         "(default with the flag): scales from the measured channel ranges "
+                         "(one more float pass); 'weights': data-free, from weight ranges")
+    eq.add_argument("--no-equalize", dest="equalize", action="store_const", const=None,
                     help="no cross-layer equalization")
     group.add_argument("--no-progress", action="store_true",
                        help="no progress bar over calibration batches")
@@ -89,7 +92,7 @@ def config_from_args(args: argparse.Namespace, spec=None):
         requant=getattr(args, "requant", "float"),
         dynamic=getattr(args, "dynamic", False),
         bias_correction=getattr(args, "bias_correction", True),
-        equalize=getattr(args, "equalize", False),
+        equalize=getattr(args, "equalize", None),
         sqnr=not getattr(args, "no_sqnr", False),
         calib_limit=getattr(args, "calib_limit", None),
         progress=False if getattr(args, "no_progress", False) else None,

@@ -51,6 +51,8 @@ class Pair:
     clip_hi: np.ndarray | None  # [C] upper bound of a ReLU6-style clip between them
     min_var: object = None  # an existing relu -> minimum(x, [C] bound) pair (equalized before)
     scale: np.ndarray = None  # accumulated s per channel
+    between: object = None    # the var after the activation (its channel ranges are measured)
+    act_range: np.ndarray | None = None  # measured max |x| per channel of ``between``
 
 
 def _single_user(uses, var):
@@ -122,7 +124,8 @@ def find_pairs(mod) -> list[Pair]:
             continue
         if first.kind == "matmul" and len(_ir.tensor_shape(first.out_var) or ()) < 2:
             continue
-        pairs.append(Pair(first, second, channels, rows, clip_hi, min_var, np.ones(channels)))
+        pairs.append(Pair(first, second, channels, rows, clip_hi, min_var, np.ones(channels),
+                          between=min_var if min_var is not None else first.out_var))
     return pairs
 
 
@@ -182,7 +185,36 @@ def _in_ranges(layer, channels: int, rows: int) -> np.ndarray:
     return v.max(axis=(0, 2))
 
 
-def equalize_pairs(pairs, iterations: int = 100, tol: float = 1e-4) -> int:
+def _is_depthwise(layer, channels: int) -> bool:
+    return layer.kind == "conv2d" and int(layer.call.attrs.groups) == channels \
+        and layer.weight.shape[1] == 1
+
+
+def _scales(p, per_channel: bool) -> np.ndarray:
+    """This sweep's ``s`` for one pair.
+
+    Data-free (no measured ranges): Nagel's ``sqrt(r1 * r2) / r2`` on weight ranges.
+    With the measured activation range ``a`` of the tensor between (current value
+    ``a / scale``) and per-channel weights: layer 1's weight precision does not depend
+    on ``s`` (one scale per output channel), so what matters is the per-tensor
+    activation scale. Before a depthwise conv (also one scale per channel) every
+    channel is scaled up to the largest one, ``s = a / max(a)``; before a dense
+    layer, whose per-output-channel weight scale sees all its input channels,
+    activation and weight ranges are balanced: ``s = sqrt(a * r2) / r2``.
+    """
+    r2 = _in_ranges(p.second, p.channels, p.rows_per_channel)
+    r1 = _out_ranges(p.first) if p.act_range is None else p.act_range / p.scale
+    ok = (r1 > TINY * max(r1.max(), TINY)) & (r2 > TINY * max(r2.max(), TINY))
+    s = np.ones(p.channels)
+    if p.act_range is not None and per_channel and _is_depthwise(p.second, p.channels):
+        s[ok] = r1[ok] / r1[ok].max()
+    else:
+        s[ok] = np.sqrt(r1[ok] * r2[ok]) / r2[ok]
+    return s
+
+
+def equalize_pairs(pairs, iterations: int = 100, tol: float = 1e-4,
+                   per_channel: bool = True) -> int:
     """Scale the weights (float64, in the Layer objects) until no ``s`` moves by more
     than ``tol`` (relative); returns the number of sweeps done."""
     for layer in {id(p.first): p.first for p in pairs}.values():
@@ -194,11 +226,7 @@ def equalize_pairs(pairs, iterations: int = 100, tol: float = 1e-4) -> int:
     for sweep in range(1, iterations + 1):
         moved = 0.0
         for p in pairs:
-            r1 = _out_ranges(p.first)
-            r2 = _in_ranges(p.second, p.channels, p.rows_per_channel)
-            ok = (r1 > TINY * max(r1.max(), TINY)) & (r2 > TINY * max(r2.max(), TINY))
-            s = np.ones(p.channels)
-            s[ok] = np.sqrt(r1[ok] * r2[ok]) / r2[ok]
+            s = _scales(p, per_channel)
             axis = _out_axis(p.first)
             shape = [1] * p.first.weight.ndim
             shape[axis] = p.channels
@@ -213,19 +241,49 @@ def equalize_pairs(pairs, iterations: int = 100, tol: float = 1e-4) -> int:
     return iterations
 
 
-def equalize(mod, iterations: int = 100):
+def between_vars(mod) -> list:
+    """The tensors between equalizable pairs (to measure with :func:`channel_ranges`)."""
+    return [p.between for p in find_pairs(mod)]
+
+
+def channel_ranges(mod, spec, calib, inputs, progress=None) -> dict:
+    """{var: max |x| per channel} of :func:`between_vars` over the calibration data."""
+    from .calibrate import run_with_outputs
+
+    pairs = find_pairs(mod)
+    found = {p.between: None for p in pairs}
+    axes = {p.between: _channel_axis(p.first) for p in pairs}
+    order = list(found)
+
+    def on_batch(arrays, _valid):
+        for var, array in zip(order, arrays[1:]):
+            axis = axes[var] % array.ndim
+            m = np.abs(np.moveaxis(array, axis, 0)).reshape(array.shape[axis], -1).max(axis=1)
+            found[var] = m if found[var] is None else np.maximum(found[var], m)
+
+    run_with_outputs(mod, order, spec, calib, inputs, on_batch, progress, "equalize ranges")
+    return found
+
+
+def equalize(mod, iterations: int = 100, ranges: dict | None = None, per_channel: bool = True):
     """Cross-layer equalization of a prepared module; returns ``(module, report)``.
 
-    ``report`` lists the equalized pairs (Relax var names of both anchors) and
-    the spread (max/min) of layer 1's per-channel weight ranges before and after.
+    ``ranges`` ({var: [C]}, from :func:`channel_ranges` on the same ``mod``) switches
+    to the activation-aware scales (see :func:`_scales`); without it the pass is
+    data-free. ``per_channel``: how the weights will be quantized. ``report`` lists
+    the equalized pairs (Relax var names of both anchors) and the spread (max/min)
+    of layer 1's per-channel weight ranges before and after.
     """
     from tvm import relax
 
     pairs = find_pairs(mod)
     if not pairs:
         return mod, {"pairs": [], "sweeps": 0}
+    for p in pairs:
+        if ranges is not None and ranges.get(p.between) is not None:
+            p.act_range = np.asarray(ranges[p.between], np.float64)
     before = {id(p.first): _spread(_out_ranges(p.first)) for p in pairs}
-    sweeps = equalize_pairs(pairs, iterations)
+    sweeps = equalize_pairs(pairs, iterations, per_channel=per_channel)
     layers = {}
     for p in pairs:
         layers[p.first.anchor] = p.first
@@ -274,7 +332,10 @@ def equalize(mod, iterations: int = 100):
         {"first": p.first.anchor.name, "second": p.second.anchor.name, "channels": p.channels,
          "clip": p.clip_hi is not None,
          "range_spread_before": before[id(p.first)],
-         "range_spread_after": _spread(_out_ranges(p.first))} for p in pairs]}
+         "range_spread_after": _spread(_out_ranges(p.first)),
+         **({} if p.act_range is None else
+            {"activation_spread_before": _spread(p.act_range),
+             "activation_spread_after": _spread(p.act_range / p.scale)})} for p in pairs]}
     return out, report
 
 
