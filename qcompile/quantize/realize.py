@@ -191,6 +191,50 @@ def _residual_fixed_point(multiplier: np.ndarray, residual_multiplier: float):
     return m0, m_r, shift
 
 
+def _residual_term(bb, r_q, p_r: QParams, multiplier, dtype: str):
+    """``(r_q - zp_r) * multiplier`` computed in ``dtype`` (float32 or int64)."""
+    from tvm import relax
+
+    r = bb.emit(relax.op.astype(r_q, dtype))
+    if p_r.zero_point:
+        r = bb.emit(relax.op.subtract(r, _ir.const(np.asarray(p_r.zero_point, dtype))))
+    return bb.emit(relax.op.multiply(r, _ir.const(np.asarray(multiplier, dtype))))
+
+
+def emit_residual_requant(bb, acc, acc_scale, bshape, residual, p_out: QParams, clip, requant):
+    """``clip(round(acc * s_acc / s_y + r / s_y) + zp_y)`` (not yet cast) for a residual
+    ``(r_q int8, QParams)`` or ``(r float32 expr, None)``; int64 fixed point when
+    ``requant == "fixed"`` and the residual is int8 (float otherwise)."""
+    from tvm import relax
+
+    r, p_r = residual
+    lo, hi = clip
+    fixed = None
+    if requant == "fixed" and p_r is not None:
+        fixed = _residual_fixed_point(acc_scale / p_out.scale, p_r.scale / p_out.scale)
+    if fixed is not None:
+        m0, m_r, shift = fixed
+        y = bb.emit(relax.op.multiply(relax.op.astype(acc, "int64"),
+                                      _ir.const(m0.reshape(bshape), "int64")))
+        y = bb.emit(relax.op.add(y, _residual_term(bb, r, p_r, m_r.reshape(bshape), "int64")))
+        y = bb.emit(relax.op.add(y, _ir.const((np.int64(1) << (shift - 1)).reshape(bshape),
+                                              "int64")))
+        y = bb.emit(relax.op.right_shift(y, _ir.const(shift.reshape(bshape), "int64")))
+        if p_out.zero_point:
+            y = bb.emit(relax.op.add(y, _ir.const(np.int64(p_out.zero_point), "int64")))
+        return bb.emit(relax.op.clip(y, _prim(lo, "int64"), _prim(hi, "int64")))
+    mult = (acc_scale / p_out.scale).astype(np.float32)
+    y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), _ir.const(mult.reshape(bshape))))
+    if p_r is not None:
+        term = _residual_term(bb, r, p_r, np.float32(p_r.scale / p_out.scale), "float32")
+    else:
+        term = bb.emit(relax.op.multiply(r, _ir.const(np.float32(1.0 / p_out.scale))))
+    y = bb.emit(relax.op.round(relax.op.add(y, term)))
+    if p_out.zero_point:
+        y = bb.emit(relax.op.add(y, _ir.const(np.float32(p_out.zero_point))))
+    return bb.emit(relax.op.clip(y, _prim(lo), _prim(hi)))
+
+
 def output_clip(p: QParams, activation) -> tuple[int, int]:
     """The integer clip range implementing ``activation`` on the quantized output."""
     lo, hi = p.qmin, p.qmax
@@ -451,64 +495,25 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         layer, final = res.layer, res.final
         acc, acc_scale, bshape, record = pending[layer.out_var]
         int8_res = res.other in qt
-        r_q, p_r = qt[res.other] if int8_res else (None, None)
+        residual = qt[res.other] if int8_res else (float_expr(bb, res.other), None)
+        p_r = residual[1]
         record["activation"] = res.activation[0] if res.activation else None
-        record["residual"] = {"tensor": names.get(res.other, res.other.name),
-                              "int8": int8_res,
-                              **({"scale": p_r.scale, "zero_point": p_r.zero_point,
-                                  "dtype": p_r.dtype} if int8_res else {"dtype": "float32"})}
+        record["residual"] = {"tensor": names.get(res.other, res.other.name), "int8": int8_res,
+                              **(p_r.to_dict() if int8_res else {"dtype": "float32"})}
         if final in roots or final in plan.shared:
             p_out = qparams[plan.params_root(final)]
-            lo, hi = output_clip(p_out, res.activation)
-            fixed = requant == "fixed" and int8_res and \
-                _residual_fixed_point(acc_scale / p_out.scale, p_r.scale / p_out.scale)
-            if fixed:
-                m0, m_r, shift = fixed
-                y = bb.emit(relax.op.multiply(relax.op.astype(acc, "int64"),
-                                              _ir.const(m0.reshape(bshape), "int64")))
-                r = bb.emit(relax.op.astype(r_q, "int64"))
-                if p_r.zero_point:
-                    r = bb.emit(relax.op.subtract(r, _ir.const(np.int64(p_r.zero_point), "int64")))
-                y = bb.emit(relax.op.add(y, relax.op.multiply(
-                    r, _ir.const(m_r.reshape(bshape), "int64"))))
-                y = bb.emit(relax.op.add(y, _ir.const(
-                    (np.int64(1) << (shift - 1)).reshape(bshape), "int64")))
-                y = bb.emit(relax.op.right_shift(y, _ir.const(shift.reshape(bshape), "int64")))
-                if p_out.zero_point:
-                    y = bb.emit(relax.op.add(y, _ir.const(np.int64(p_out.zero_point), "int64")))
-                y = bb.emit(relax.op.clip(y, _prim(lo, "int64"), _prim(hi, "int64")))
-            else:
-                accf = bb.emit(relax.op.astype(acc, "float32"))
-                mult = (acc_scale / p_out.scale).astype(np.float32)
-                y = bb.emit(relax.op.multiply(accf, _ir.const(mult.reshape(bshape))))
-                if int8_res:
-                    r = bb.emit(relax.op.astype(r_q, "float32"))
-                    if p_r.zero_point:
-                        r = bb.emit(relax.op.subtract(r, _ir.const(np.float32(p_r.zero_point))))
-                    r_mult = np.float32(p_r.scale / p_out.scale)
-                else:
-                    r, r_mult = float_expr(bb, res.other), np.float32(1.0 / p_out.scale)
-                y = bb.emit(relax.op.add(y, relax.op.multiply(r, _ir.const(r_mult))))
-                y = bb.emit(relax.op.round(y))
-                if p_out.zero_point:
-                    y = bb.emit(relax.op.add(y, _ir.const(np.float32(p_out.zero_point))))
-                y = bb.emit(relax.op.clip(y, _prim(lo), _prim(hi)))
+            y = emit_residual_requant(bb, acc, acc_scale, bshape, residual, p_out,
+                                      output_clip(p_out, res.activation), requant)
             qt[final] = (bb.emit(relax.op.astype(y, p_out.dtype), name_hint=f"{final.name}_q"),
                          p_out)
             record["output"] = {"tensor": names.get(final, final.name), **p_out.to_dict(),
                                 "requantized": True}
         else:
-            accf = bb.emit(relax.op.astype(acc, "float32"))
-            y = bb.emit(relax.op.multiply(accf, _ir.const(acc_scale.astype(np.float32)
-                                                          .reshape(bshape))))
-            if int8_res:
-                r = bb.emit(relax.op.astype(r_q, "float32"))
-                if p_r.zero_point:
-                    r = bb.emit(relax.op.subtract(r, _ir.const(np.float32(p_r.zero_point))))
-                r = bb.emit(relax.op.multiply(r, _ir.const(np.float32(p_r.scale))))
-            else:
-                r = float_expr(bb, res.other)
-            y = bb.emit(relax.op.add(y, r))
+            y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"),
+                                          _ir.const(acc_scale.astype(np.float32).reshape(bshape))))
+            term = residual[0] if not int8_res else \
+                _residual_term(bb, residual[0], p_r, np.float32(p_r.scale), "float32")
+            y = bb.emit(relax.op.add(y, term))
             if res.activation is not None and res.activation[0] == "relu":
                 y = bb.emit(relax.op.nn.relu(y))
             elif res.activation is not None:
