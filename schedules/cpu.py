@@ -461,6 +461,9 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
 # wide; narrower outputs keep the channel-vector kernel (a 7-wide row fills half a vector).
 DW_PIXEL_MIN_WIDTH = 8
 DW_PIXEL_TILES = True
+# stride 2: de-interleave the padded plane into even/odd columns (contiguous taps)
+DW_DEINTERLEAVE = True
+DW_PACK_NEW_ORDER = False
 
 
 def _producer_writing(sch, block, rank: int):
@@ -506,7 +509,7 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
     buf = _region_buffer(sch.get(pack).writes[0])
     wp = int(buf.shape[3])
     buf_rank = 5
-    if stride == 2 and wp % 2 == 0:
+    if stride == 2 and wp % 2 == 0 and DW_DEINTERLEAVE:
         buf_rank = 6
 
         def index_map(n, cb, h, w, lane):
@@ -515,7 +518,8 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
         def index_map(n, cb, h, w, lane):
             return (n, cb, lane, h, w)
     sch.transform_layout(block, ("read", _read_index(sch, block, buf)), index_map)
-    sch.transform_block_layout(pack, index_map)
+    if buf_rank == 5 or DW_PACK_NEW_ORDER:
+        sch.transform_block_layout(pack, index_map)
     tw = ow
     if ow > 8 * vec_width:
         tw = max(d for d in range(1, 8 * vec_width + 1) if ow % d == 0)
@@ -742,9 +746,30 @@ def _is_scheduled(func) -> bool:
                 and int(func.attrs["tirx.is_scheduled"]) == 1)
 
 
+_NEARBYINT_VECTORIZABLE = False
+
+
+def allow_vector_nearbyint():
+    """Let TVM's vectorizer keep ``nearbyint`` (the requantize rounding: half to even) as
+    a vector op. TVM 0.27 does not mark it vectorizable, so every vectorized loop holding
+    it (every int8 requantize epilogue) was scalarized lane by lane; LLVM lowers the
+    vector form to ``vrndscaleps``/``vroundps`` with the same half-to-even result."""
+    global _NEARBYINT_VECTORIZABLE
+    if _NEARBYINT_VECTORIZABLE:
+        return
+    import tvm
+
+    op = tvm.ir.Op.get("tirx.nearbyint")
+    if op.get_attr("TVectorizable") is None:
+        tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
+    _NEARBYINT_VECTORIZABLE = True
+
+
 def apply_cpu_schedules(target):
     """Module pass: schedule every unscheduled PrimFunc with the rules above."""
     import tvm
+
+    allow_vector_nearbyint()
 
     @tvm.transform.module_pass(opt_level=0, name="qcompile.ApplyCPUSchedules")
     def _pass(mod, _ctx):
