@@ -160,8 +160,9 @@ def _evaluate(node, known, shapes, opsets, ir_version):
     if node.op_type == "ConstantOfShape" and node.input and node.input[0] \
             and np.prod(known[node.input[0]], dtype=np.float64) > MAX_FOLD_ELEMENTS:
         return None  # do not allocate what would be refused anyway
-    if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-        value = _array(node.attribute[0].t)  # the common form, read without an evaluator
+    attrs = node.attribute
+    if node.op_type == "Constant" and len(attrs) == 1 and attrs[0].name == "value":
+        value = _array(attrs[0].t)  # the common form, read without an evaluator
         return None if value is None or value.size > MAX_FOLD_ELEMENTS else [value]
     try:
         values = _run_node(node, [known[n] if n else None for n in node.input], opsets,
