@@ -463,7 +463,6 @@ DW_PIXEL_MIN_WIDTH = 8
 DW_PIXEL_TILES = True
 # stride 2: de-interleave the padded plane into even/odd columns (contiguous taps)
 DW_DEINTERLEAVE = True
-DW_PACK_NEW_ORDER = False
 
 
 def _producer_writing(sch, block, rank: int):
@@ -518,8 +517,9 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
         def index_map(n, cb, h, w, lane):
             return (n, cb, lane, h, w)
     sch.transform_layout(block, ("read", _read_index(sch, block, buf)), index_map)
-    if buf_rank == 5 or DW_PACK_NEW_ORDER:
-        sch.transform_block_layout(pack, index_map)
+    # iterate the padding stage in the new layout's order: its writes are contiguous
+    # (measured 0.63 ms vs 1.67 ms for the input-order loop at 96ch 112x112 stride 2)
+    sch.transform_block_layout(pack, index_map)
     tw = ow
     if ow > 8 * vec_width:
         tw = max(d for d in range(1, 8 * vec_width + 1) if ow % d == 0)
