@@ -3,9 +3,11 @@
 The layout pass packs int8 weights as ``[O/4, C/4, KH, KW, 4, 4]`` and the activation as
 ``[N, C/4, H, W, 4]`` (s8; u8 inputs are shifted by -128 and compensated), so each group of
 4 reduction elements is one 32-bit word on both sides: the inner ``r4`` loop is tensorized
-to one ``__dp4a``. One thread computes one output element (accumulating in the kernel's
-int32 intermediate); the fused epilogue runs as its own thread-bound loop nest. Every other kernel keeps dlight's GPU
-rules. Portable reference: the same schedule with the 4-element loop left as plain TIR.
+to one ``__dp4a``. Each thread computes a register tile of 4 output channels x up to 4
+output pixels (``apply_dp4a_rule``); the fused epilogue runs as its own thread-bound loop
+nest. Every other kernel keeps dlight's GPU rules. Portable reference: the same schedule
+with the 4-element loop left as plain TIR. sm_72+ targets use the s8 tensor-core GEMMs
+below instead (``apply_mma_rule``).
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ import os
 
 from tvm import s_tir
 
-from qcompile.layout import INTRIN_ATTR, KERNEL_ATTR
+from qcompile.layout import INTRIN_ATTR, KERNEL_ATTR, LANES_ATTR
 
 
-def dp4a_desc_impl():
+def dp4a_desc_impl(scope: str = "global"):
+    """The dp4a tile (C[0] += A[0:4] . B[0:4]); ``scope``: the accumulator's storage."""
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((4,), "int8", offset_factor=1),
         B: T.Buffer((4,), "int8", offset_factor=1),
-        C: T.Buffer((1,), "int32", offset_factor=1),
+        C: T.Buffer((1,), "int32", offset_factor=1, scope=scope),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0], A[0:4], B[0:4])
@@ -39,7 +42,7 @@ def dp4a_desc_impl():
     def impl(
         A: T.Buffer((4,), "int8", offset_factor=1),
         B: T.Buffer((4,), "int8", offset_factor=1),
-        C: T.Buffer((1,), "int32", offset_factor=1),
+        C: T.Buffer((1,), "int32", offset_factor=1, scope=scope),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0], A[0:4], B[0:4])
@@ -51,11 +54,11 @@ def dp4a_desc_impl():
 
 
 @functools.lru_cache(maxsize=None)
-def get_dp4a_intrin(portable: bool = False) -> str:
+def get_dp4a_intrin(portable: bool = False, scope: str = "global") -> str:
     from tvm.s_tir import TensorIntrin
 
-    desc, impl = dp4a_desc_impl()
-    name = "qcompile_portable_dp4a" if portable else "qcompile_dp4a"
+    desc, impl = dp4a_desc_impl(scope)
+    name = f"qcompile_{'portable_' if portable else ''}dp4a_{scope}"
     TensorIntrin.register(name, desc, desc if portable else impl, override=True)
     return name
 
@@ -68,8 +71,43 @@ def _bind_spatial(sch, block, threads: int = 256):
     sch.bind(tx, "threadIdx.x")
 
 
+DP4A_TILE = 4  # output pixels (conv) / rows (matmul) per thread, x 4 packed channels
+
+
+def _divisor_at_most(extent: int, cap: int) -> int:
+    return max(d for d in range(1, min(cap, extent) + 1) if extent % d == 0)
+
+
+def _bind_unfused(sch, spatial):
+    """Bind the last spatial loop to threadIdx.x and, for a conv's (b, oc, oh, ow-tile)
+    nest, the output rows to threadIdx.y (up to 256 threads a block), the rest to the grid."""
+    *outer, last = spatial
+    ext = int(sch.get(last).extent)
+    if ext > 256:
+        lo, last = sch.split(last, [None, _divisor_at_most(ext, 256)])
+        outer.append(lo)
+    sch.bind(last, "threadIdx.x")
+    tx = int(sch.get(last).extent)
+    if len(outer) >= 3 and tx < 256:  # conv: rows of the output next to threadIdx.x
+        rows = outer.pop()
+        ty = _divisor_at_most(int(sch.get(rows).extent), max(1, 256 // tx))
+        ro, ri = sch.split(rows, [None, ty])
+        sch.bind(ri, "threadIdx.y")
+        outer.append(ro)
+    outer = [lp for lp in outer if int(sch.get(lp).extent) > 1]
+    for lp, axis in zip(reversed(outer), ("blockIdx.x", "blockIdx.y", "blockIdx.z")):
+        sch.bind(lp, axis)
+
+
 def apply_dp4a_rule(func, target):
-    """Schedule a packed int8 conv2d/matmul for CUDA; None when ``func`` holds none."""
+    """Schedule a packed int8 conv2d/matmul for CUDA; None when ``func`` holds none.
+
+    Each thread owns a register tile: the 4 output channels of one packed weight group x up
+    to ``DP4A_TILE`` output pixels (conv) or rows (matmul). Per 4-deep reduction step it
+    loads one 16-byte weight group and one word per pixel and issues up to 16 ``__dp4a``,
+    so a weight word feeds several pixels and an activation word 4 channels (a thread per
+    output element loaded two words per dp4a). Accumulators live in registers; the tile is
+    written back once, the fused epilogue runs as its own thread-bound loop nest."""
     from .cpu import _annotation, _is_spatial, _root_blocks
 
     sch = s_tir.Schedule(func)
@@ -82,24 +120,30 @@ def apply_dp4a_rule(func, target):
     if block is None:
         return None
     intrin = str(_annotation(sch, block, INTRIN_ATTR, ""))
-    loops = sch.get_loops(block)
-    spatial = loops[:-4] if len(loops) == 8 else loops[:-2]
-    red = loops[len(spatial):]
+    lanes = int(_annotation(sch, block, LANES_ATTR, 4))
     producers = [p for p in sch.get_producers(block) if _is_spatial(sch, p)]
-    # Bind each spatial loop to its own grid axis, unfused: blockize (for tensorize) cannot
-    # divide fused thread bindings here. The accumulator is the kernel's global int32
-    # intermediate; the epilogue runs as its own thread-bound loop nest.
-    *outer, last = spatial
-    ext = int(sch.get(last).extent)
-    if ext > 256:
-        lo, last = sch.split(last, [None, next(t for t in range(256, 0, -1) if ext % t == 0)])
-        outer.append(lo)
-    outer = [lp for lp in outer if int(sch.get(lp).extent) > 1] or outer[-1:]
-    for lp, axis in zip(reversed(outer), ("blockIdx.x", "blockIdx.y", "blockIdx.z")):
-        sch.bind(lp, axis)
-    sch.bind(last, "threadIdx.x")
-    sch.decompose_reduction(block, red[0])
-    sch.tensorize(red[-1], get_dp4a_intrin(portable=intrin.startswith("portable-")))
+    loops = sch.get_loops(block)
+    if len(loops) == 8:  # conv: b, o, i, j, rc, rh, rw, r4
+        b, o, i, j, rc, _, _, r4 = loops
+        oo, oi = sch.split(o, [None, lanes])
+        jo, ji = sch.split(j, [None, _divisor_at_most(int(sch.get(j).extent), DP4A_TILE)])
+        sch.reorder(b, oo, i, jo, *loops[4:7], ji, oi, r4)
+        spatial, red0, tile = [b, oo, i, jo], rc, (ji, oi)
+    else:  # matmul: i, j, rk, r4
+        i, j, rk, r4 = loops
+        jo, ji = sch.split(j, [None, lanes])
+        io, ii = sch.split(i, [None, _divisor_at_most(int(sch.get(i).extent), DP4A_TILE)])
+        sch.reorder(io, jo, rk, ii, ji, r4)
+        spatial, red0, tile = [io, jo], rk, (ii, ji)
+    acc = sch.cache_write(block, 0, "local")
+    sch.reverse_compute_at(acc, spatial[-1])
+    # Each spatial loop on its own grid/thread axis, unfused: blockize (inside tensorize)
+    # fails on fused thread bindings here (int32 extent on an int64 iter var, TVM 0.27).
+    _bind_unfused(sch, spatial)
+    sch.decompose_reduction(block, red0)
+    sch.tensorize(r4, get_dp4a_intrin(portable=intrin.startswith("portable-"), scope="local"))
+    for lp in tile:
+        sch.unroll(lp)
     for prod in producers:
         _bind_spatial(sch, prod)
     for blk in _root_blocks(sch):
@@ -286,10 +330,6 @@ def get_wmma_s8_intrins() -> dict[str, str]:
         names[role] = f"qcompile_wmma_s8_{role}"
         TensorIntrin.register(names[role], desc, impl, override=True)
     return names
-
-
-def _divisor_at_most(extent: int, cap: int) -> int:
-    return max(d for d in range(1, min(cap, extent) + 1) if extent % d == 0)
 
 
 WARPS_M, WARPS_N = 2, 4  # warps per block (at most; divisors of the tile counts are used)
