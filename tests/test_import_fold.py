@@ -204,3 +204,12 @@ def test_fold_keeps_quantize_dequantize_and_big_values():
 def test_models_without_shape_arithmetic_import_unchanged(bundled_model):
     imported = import_onnx(bundled_model)
     assert imported.folded_nodes == 0
+
+
+def test_a_failing_fold_leaves_the_graph_to_tvm(bundled_model, monkeypatch):
+    def broken(model, shapes):
+        raise RuntimeError("fold bug")
+
+    monkeypatch.setattr(frontend, "fold_constants", broken)
+    imported = import_onnx(bundled_model)
+    assert imported.folded_nodes == 0 and imported.outputs
