@@ -160,6 +160,7 @@ def schedule_conv2d_i8mm(sch, block, intrin: str, vec_width: int):
     wl = sch.get_loops(wb)[4:]
     if len(wl) == 4:
         sch.vectorize(wl[3])
+    _tile_slice_epilogue(sch, wb, joo)
     _parallel(sch, block, [b, ooo, i])
     _tensorize_i8mm(sch, block, rc, oi, (joi, ooi), intrin, swap=True)
 
@@ -180,8 +181,28 @@ def schedule_matmul_i8mm(sch, block, intrin: str, vec_width: int):
     wl = sch.get_loops(wb)[2:]
     if len(wl) == 2:
         sch.vectorize(wl[1])
+    _tile_slice_epilogue(sch, wb, joo)
     _parallel(sch, block, [ioo, joo])
     _tensorize_i8mm(sch, block, rk, ii, (ioi, joi), intrin)
+
+
+def _tile_slice_epilogue(sch, wb, tile_loop):
+    """When the kernel computes a padded result (output width / channels / rows rounded up
+    to whole smmla tiles), its consumer is a slice that ``_inline_epilogue`` cannot fold
+    into the tile write-back. Fold the elementwise chain into the slice instead and run
+    that per tile, right after the write-back, so the int32 result never makes a round
+    trip through a full-size buffer."""
+    from .cpu import _inline_epilogue, _is_spatial
+
+    consumers = sch.get_consumers(wb)
+    if len(consumers) != 1 or not _is_spatial(sch, consumers[0]):
+        return
+    sl = consumers[0]
+    try:
+        _inline_epilogue(sch, sl)
+        sch.reverse_compute_at(sl, tile_loop, preserve_unit_loops=True)
+    except Exception:  # noqa: BLE001 - leave it as its own loop nest
+        return
 
 
 def _tensorize_i8mm(sch, block, red_loop, tile_loop, unroll, intrin: str, swap: bool = False):
