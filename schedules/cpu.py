@@ -247,16 +247,29 @@ def _schedule_reduction_generic(sch, block, width: int):
 
 
 # --------------------------------------------------------------------------- packed kernels
+def _writes_8bit(sch, block) -> bool:
+    wr = sch.get(block).writes
+    return len(wr) == 1 and str(_region_buffer(wr[0]).dtype) in ("uint8", "int8")
+
+
+def _decompose_padding(sch, block):
+    """Split a padding block into a zero fill and an unpredicated copy (the fill block, or
+    None when ``block`` is not the plain padding pattern): a bounds test on vector lanes
+    makes TVM's vectorizer scalarize the whole loop."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return None
+    try:
+        return sch.decompose_padding(block, loops[0])
+    except Exception:  # noqa: BLE001 - not the plain padding pattern
+        return None
+
+
 def _schedule_producers(sch, block, width: int):
     for prod in sch.get_producers(block):
         if not _is_spatial(sch, prod):
             continue
-        # A padding stage: zero fill + unpredicated copy, each its own vectorized nest (a
-        # bounds test on the vector lanes would make the vectorizer scalarize the loop).
-        try:
-            fill = sch.decompose_padding(prod, sch.get_loops(prod)[0])
-        except Exception:  # noqa: BLE001 - not the plain padding pattern
-            fill = None
+        fill = _decompose_padding(sch, prod)
         if fill is not None:
             _schedule_spatial(sch, fill, width, min_parallel=0)
         _schedule_spatial(sch, prod, width, min_parallel=0)
@@ -740,6 +753,11 @@ def apply_generic_rule(func, target):
     for blk in _root_blocks(sch):
         try:
             if _is_spatial(sch, blk):
+                # 8-bit pads only: for float32 the extra full-size fill cost more than the
+                # predicated copy (max_pool2d 64ch 112x112: 1.15 -> 1.3 ms; uint8 0.92 -> 0.79)
+                fill = _decompose_padding(sch, blk) if _writes_8bit(sch, blk) else None
+                if fill is not None:
+                    _schedule_spatial(sch, fill, vec)
                 _schedule_spatial(sch, blk, vec)
             else:
                 _schedule_reduction_generic(sch, blk, vec)
