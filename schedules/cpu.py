@@ -9,8 +9,20 @@
    epilogue (bias, requantize, ReLU/Clip, residual add, channel slice) is inlined into
    the write-back of each tile; the outer spatial loops are fused and parallelized.
    int8 tiles are tensorized with the target's dot-product intrinsic (``schedules.intrin``).
+   Activations are NCHW between kernels, so a channel-vector tile needs a transposing
+   write-back; where the output row fits, the *pixel-vector* kernels are used instead
+   (accumulators = output rows, epilogue vectorized along the row, contiguous stores):
+   int8 conv stride 1 on x86 (``x86.get_pixel_intrin``: 16 or 8 pixels x 4 channels,
+   broadcast weights), float 1x1 conv, and depthwise as rows of one channel read from a
+   per-channel padded plane (de-interleaved even/odd columns for stride 2).
 2. dlight's CPU GEMV / Reduction rules.
 3. Anything else: outer data-parallel loops parallelized, innermost loop vectorized.
+
+Traps handled here (each measured): a bounds test (padding) on vector lanes makes TVM's
+vectorizer scalarize the loop, so padding stages are split into a zero fill and an
+unpredicated copy (``decompose_padding``); TVM 0.27 does not mark ``nearbyint`` (the
+requantize rounding) vectorizable, so ``allow_vector_nearbyint`` registers it; odd vector
+lengths (<28 x float>) compile lane by lane, so pixel tiles are whole vectors only.
 
 Each rule works on a copy of the function; if it raises, the next rule is tried and
 finally the kernel is left as it was: a rule that does not match never fails a build.
