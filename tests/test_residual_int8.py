@@ -266,3 +266,15 @@ def test_sqnr_report_reads_the_fused_layers_own_output(tmp_path):
     sqnr = {l["name"]: l["sqnr_db"] for l in result.summary["layers"]}
     assert set(sqnr) == {"conv1", "conva", "conv2", "conv3"}
     assert all(isinstance(v, float) and v > 20 for v in sqnr.values()), sqnr
+
+
+def test_float_residual_option_keeps_the_stream_in_float(tmp_path):
+    model, _imp, result = _quantize(tmp_path, "basic")
+    mod, records = R.realize(result.float_mod, result.plan, result.qparams, True,
+                             SPEC.reduce_range, int8_residual=False)
+    assert not any("residual" in r for r in records)
+    text = mod.script(show_meta=False)
+    # the add and its ReLU in float, then a float -> uint8 quantize of the block output
+    assert text.count("R.nn.relu(") == 1 and text.count("R.divide(") == 2
+    feeds = _feeds(8)
+    assert _sqnr(run_onnxruntime(model, feeds)[0], _run(mod, feeds["input"])) > 25

@@ -329,7 +329,7 @@ def find_residual_adds(func, plan) -> dict:
 
 def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bool = False,
             extra_outputs=(), weight_override=None, fake_quant: bool = False,
-            requant: str = "float", names=None):
+            requant: str = "float", names=None, int8_residual: bool = True):
     """The integer module for ``plan`` with activation ``qparams`` ({root var: QParams}).
 
     Returns ``(module, records)``: one summary dict per quantized layer.
@@ -340,12 +340,17 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
     ``fake_quant``: float consumers of a quantized tensor read its dequantized
     value rather than the exact float one (what a QDQ model means). ``names``
     ({var: str}) names tensors in the records (default: Relax var names).
+    ``int8_residual=False`` keeps residual streams in float: the add still runs in
+    the conv's epilogue, but on the exact float block input, and the block output
+    is stored in float and quantized by a kernel of its own for the next conv.
+    Measured (real MobileNetV2, 14 photos, mse): int8 residual 17.3 dB logit SQNR,
+    12/14 top-1; float residual 17.7 dB, 13/14 (minmax: 16.1 vs 16.2 dB, 12/14 both).
     """
     from tvm import relax
 
     layers = {l.anchor: l for l in plan.quantized()}
     absorbed = {v for l in plan.quantized() for v in (l.bias_var, l.act_var) if v is not None}
-    residuals = find_residual_adds(mod["main"], plan)
+    residuals = find_residual_adds(mod["main"], plan) if int8_residual else {}
     by_layer = {r.layer.anchor: r for r in residuals.values()}
     absorbed |= {r.act_var for r in residuals.values() if r.act_var is not None}
     roots = set(plan.roots)
