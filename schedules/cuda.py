@@ -108,7 +108,7 @@ def apply_dp4a_rule(func, target):
     so a weight word feeds several pixels and an activation word 4 channels (a thread per
     output element loaded two words per dp4a). Accumulators live in registers; the tile is
     written back once, the fused epilogue runs as its own thread-bound loop nest."""
-    from .cpu import _annotation, _is_spatial, _root_blocks
+    from .cpu import _annotation, _inline_epilogue, _is_spatial, _root_blocks
 
     sch = s_tir.Schedule(func)
     block = None
@@ -136,6 +136,7 @@ def apply_dp4a_rule(func, target):
         sch.reorder(io, jo, rk, ii, ji, r4)
         spatial, red0, tile = [io, jo], rk, (ii, ji)
     acc = sch.cache_write(block, 0, "local")
+    _inline_epilogue(sch, acc)  # bias/requant/ReLU applied to the registers on write-back
     sch.reverse_compute_at(acc, spatial[-1])
     # Each spatial loop on its own grid/thread axis, unfused: blockize (inside tensorize)
     # fails on fused thread bindings here (int32 extent on an int64 iter var, TVM 0.27).
@@ -146,12 +147,35 @@ def apply_dp4a_rule(func, target):
         sch.unroll(lp)
     for prod in producers:
         _bind_spatial(sch, prod)
+    _bind_rest(sch)
+    return sch
+
+
+def _bind_rest(sch):
+    """Thread-bind every root nest left unbound (slices, epilogues), each elementwise chain
+    folded into one nest first: one kernel launch per chain instead of one per op."""
+    from .cpu import _inline_epilogue, _is_spatial, _root_blocks
+
+    def unbound(blk):
+        loops = sch.get_loops(blk)
+        return bool(loops) and _is_spatial(sch, blk) \
+            and all(sch.get(lp).thread_binding is None for lp in loops)
+
+    folded = True
+    while folded:  # inlining removes blocks: rescan after each fold
+        folded = False
+        roots = _root_blocks(sch)
+        for blk in roots:
+            if unbound(blk):
+                _inline_epilogue(sch, blk)
+                if len(_root_blocks(sch)) < len(roots):
+                    folded = True
+                    break
     for blk in _root_blocks(sch):
         loops = sch.get_loops(blk)
         if loops and all(sch.get(lp).thread_binding is None for lp in loops) \
                 and _is_spatial(sch, blk):
             _bind_spatial(sch, blk)
-    return sch
 
 
 def apply_cuda_int8_schedules(target):
@@ -383,9 +407,5 @@ def apply_mma_rule(func, target):
     sch.tensorize(sch.get_loops(acc)[-2], names["store"])
     for prod in producers:
         _bind_spatial(sch, prod)
-    for blk in _root_blocks(sch):
-        loops = sch.get_loops(blk)
-        if loops and all(sch.get(lp).thread_binding is None for lp in loops) \
-                and _is_spatial(sch, blk):
-            _bind_spatial(sch, blk)
+    _bind_rest(sch)
     return sch
