@@ -51,3 +51,18 @@ def test_dp4a_kernels_are_register_tiled(kind, tmp_path):
         subprocess.run([NVCC, "-ptx", "-arch=sm_75", str(cu), "-o", str(out)], check=True,
                        capture_output=True, text=True, timeout=300)
         assert "dp4a.s32.s32" in out.read_text()
+
+
+@pytest.mark.parametrize("target,most", [("cuda-sm61", 2), ("cuda-sm80", 3)])
+def test_int8_conv_epilogue_is_one_kernel(target, most):
+    """bias + requantize (add, cast, multiply, round, clip, cast) run in one nest: on
+    sm_61 inside the dp4a tile's write-back (activation pack + conv = 2 launches), on sm_80
+    after the tensor-core GEMM (pack + GEMM + NCHW epilogue = 3), not one launch per op."""
+    rng = np.random.default_rng(32)
+    w = rng.integers(-64, 64, (64, 32, 3, 3)).astype(np.int8)
+    mod = ts.conv_module((1, 32, 14, 14), w, 1, 1, 1, x_dtype="uint8", epilogue="requant",
+                         bias=rng.integers(-99, 99, (1, 64, 1, 1)).astype(np.int32),
+                         scale=np.full((1, 64, 1, 1), 0.01, np.float32), out_dtype="int32")
+    src = ts._cuda_source(ts._compile(mod, target))
+    kernels = re.findall(r'extern "C" __global__ void [^;]*\{', src)
+    assert 1 < len(kernels) <= most, len(kernels)
