@@ -133,18 +133,43 @@ def _check_quant_params(summary: dict, source) -> None:
 
 
 def _tuning_database(mod, spec, tuning_log, say):
-    """Load a tuning database if one is given; report coverage in the manifest."""
-    if tuning_log is None:
+    """The tuning database compile applies, and the manifest's account of it.
+
+    ``tuning_log``: a directory from ``qcompile tune``; ``None``: the shipped
+    ``tuning_logs/`` databases tuned for this target, used only where a kernel's
+    workload matches (``QCOMPILE_NO_SHIPPED_TUNING=1`` or ``tuning_log=False`` turns
+    that off). Either way only records that beat the default schedule when timed
+    inside the model are applied (``qcompile.tune.load_database``)."""
+    if tuning_log is False or (tuning_log is None and
+                               os.environ.get("QCOMPILE_NO_SHIPPED_TUNING")):
         return None, {"log": None}
     try:
-        from .tune import coverage_detail, load_database
+        from .tune import coverage_detail, load_database, shipped_log_dirs
     except ImportError as exc:
+        if tuning_log is None:
+            return None, {"log": None}
         raise QCompileError(f"tuning logs are not supported in this build ({exc})") from None
-    database = load_database(tuning_log, spec)  # only records valid for this target
+    shipped = tuning_log is None
+    if shipped:
+        dirs = shipped_log_dirs(spec)
+        if not dirs:
+            return None, {"log": None}
+        import warnings
+
+        with warnings.catch_warnings():  # the shipped logs' notes are not the user's problem
+            warnings.simplefilter("ignore")
+            database = load_database(dirs, spec)
+        if not len(database.get_all_tuning_records()):  # no record beat a default schedule
+            return None, {"log": None}
+        tuning_log = ", ".join(str(d) for d in dirs)
+    else:
+        database = load_database(tuning_log, spec)  # only records valid for this target
     tuned, untuned = coverage_detail(mod, spec, database)
+    if shipped and not tuned:
+        return None, {"log": None}
     say(f"tuning log {tuning_log}: {len(tuned)} of {len(tuned) + len(untuned)} kernels use "
         "tuned records, the rest default schedules")
-    return database, {"log": str(tuning_log), "tuned_kernels": len(tuned),
+    return database, {"log": str(tuning_log), "shipped": shipped, "tuned_kernels": len(tuned),
                       "total_kernels": len(tuned) + len(untuned), "tuned": sorted(tuned)}
 
 

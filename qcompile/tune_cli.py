@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also write the run summary as JSON")
     group.add_argument("--quiet-tuning", action="store_true",
                        help="no per-batch progress lines on stderr")
+    group.add_argument("--verify", action="store_true",
+                       help="do not tune: re-time the best record of each kernel against "
+                            "its default schedule inside the compiled model and update "
+                            "which records compile applies (run after the default "
+                            "schedules change)")
 
 
 def run(args, mod, spec, model_name: str) -> int:
@@ -47,6 +52,17 @@ def run(args, mod, spec, model_name: str) -> int:
     if args.rpc_key and not args.rpc_tracker:
         raise TuningError("--rpc-key needs --rpc-tracker HOST:PORT")
     log_dir = args.log or default_log_dir(model_name, spec)
+    if getattr(args, "verify", False):
+        from .tune import verify
+
+        res = verify(mod, spec, log_dir, progress=not getattr(args, "quiet_tuning", False))
+        e2e = res["end_to_end"]
+        kept = sum(1 for v in res["kernels"].values() if v["best_us"] < v["default_us"])
+        print(f"{kept} of {len(res['kernels'])} tuned kernel(s) beat the default schedule in "
+              f"the model; compile applies those from {log_dir}"
+              + (f" (end to end: default {e2e['default_us']:.1f} us, every best record "
+                 f"{e2e['all_best_us']:.1f} us)" if e2e else ""))
+        return 0
     summary = tune(mod, spec, log_dir, trials=args.trials, budget_minutes=args.budget_minutes,
                    rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
                    progress=not getattr(args, "quiet_tuning", False), model_name=model_name,

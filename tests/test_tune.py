@@ -119,6 +119,29 @@ def test_records_match_compile_for_the_bundled_model(bundled_model):
     assert any("conv2d" in t.task_name for t in tasks)
 
 
+def test_shipped_log_records_are_found_by_compile_for_the_int8_model(bundled_model):
+    """Every kernel of the bundled int8 model is in the shipped log, and compile's own
+    pass (MetaScheduleApplyDatabase) finds a record for each: no "record not found"."""
+    from qcompile.frontend import import_onnx
+    from qcompile.quantize import QuantConfig, quantize_model
+    from qcompile.quantize.calibrate import load_calibration
+    from qcompile.target import get_target
+    from qcompile.tune import SHIPPED_LOG_DIR, coverage_detail, extract_tasks, inspect_database
+
+    spec = get_target(TARGET)
+    imp = import_onnx(bundled_model)
+    calib = load_calibration(bundled_model.parent / "fashion_mnist_calib.npz", imp.inputs)
+    mod = quantize_model(imp, calib, QuantConfig(), spec).mod
+    log = SHIPPED_LOG_DIR / f"fashion_mnist_cnn-{TARGET}"
+    db, _ = inspect_database(log, spec, keep_slower=True)  # every record, won or lost
+    tasks = extract_tasks(mod, spec)
+    in_log = [t.task_name for t in tasks if db.has_workload(t.dispatched[0])]
+    tuned, untuned = coverage_detail(mod, spec, db)
+    # trivially cheap kernels (a reshape) may have no successful record
+    assert len(in_log) >= len(tasks) - 1 and any("conv2d" in n for n in in_log)
+    assert set(in_log) <= set(tuned), f"records not applied by compile: {untuned}"
+
+
 def test_rerun_resumes_and_has_nothing_left(tuned, log_copy):
     from qcompile.tune import tune
 
@@ -153,15 +176,67 @@ def test_resume_with_budget_continues_and_stops_cleanly(tuned, log_copy, capsys)
     assert task.default_us is not None and again.estimated_default_us == task.default_us
     meta = json.loads((log_copy / "qcompile_tune.json").read_text())
     assert meta["baseline_us"][task.workload] == pytest.approx(task.default_us)
-    # the run ended by re-timing its best record next to the default schedule
+    # the run ended by re-timing its best record next to the default schedule, both
+    # inside the compiled model; that side-by-side alone decides what compile applies
     verified = meta["verified"][task.workload]
-    assert verified["best_us"] is not None and verified["default_us"] >= task.default_us
+    assert verified["in_model"] and verified["best_us"] > 0 and verified["default_us"] > 0
+    assert "inside the compiled model" in err
     db, reports = load_database(log_copy, with_report=True)
     kept = len(db.get_all_tuning_records())
-    if verified["best_us"] < task.default_us:
+    if verified["best_us"] < verified["default_us"]:
         assert kept == len(after)
     else:  # records slower than the default schedule are not applied
         assert kept == 0 and reports[0].slower_than_default == 1
+
+
+def test_in_model_timing_covers_every_kernel_compile_runs(tuned):
+    """The instrument sees each fused kernel the VM calls, keyed like the database."""
+    from qcompile.pipeline import compile_relax
+    from qcompile.target import get_target
+    from qcompile.tune import load_database
+    from qcompile.tune_verify import kernel_workloads, random_inputs, time_in_model
+
+    _, summary, mod, _ = tuned
+    spec = get_target(TARGET)
+    names = kernel_workloads(mod, spec)
+    assert set(names.values()) == {summary.tasks[0].workload}  # one kernel, the task's key
+    exes = {"default": compile_relax(mod, spec),
+            "tuned": compile_relax(mod, spec, load_database(tuned[0]))}
+    kernels, e2e = time_in_model(exes, names, random_inputs(mod), rounds=2, runs_per_round=3)
+    for label in exes:
+        assert set(kernels[label]) == {summary.tasks[0].workload}
+        # a kernel runs inside its model: its time is part of the end-to-end time
+        assert 0 < kernels[label][summary.tasks[0].workload] < e2e[label] * 5
+
+
+def test_verify_in_model_decides_what_compile_applies(tuned, log_copy):
+    from qcompile.target import get_target
+    from qcompile.tune import database_coverage, load_database, verify
+
+    _, summary, mod, _ = tuned
+    spec = get_target(TARGET)
+    key = summary.tasks[0].workload
+    res = verify(mod, TARGET, log_copy, progress=False)
+    v = res["kernels"][key]
+    assert v["in_model"] and v["best_trial_us"] == pytest.approx(summary.tasks[0].best_us)
+    assert res["end_to_end"]["default_us"] > 0 and res["end_to_end"]["all_best_us"] > 0
+    meta_path = log_copy / "qcompile_tune.json"
+    assert json.loads(meta_path.read_text())["verified"][key] == v
+    expect = (1, 1) if v["best_us"] < v["default_us"] else (0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert database_coverage(mod, spec, load_database(log_copy)) == expect
+    # the record lost in the model: not applied, even though no baseline says so
+    meta = json.loads(meta_path.read_text())
+    meta.pop("baseline_us", None)
+    meta["verified"][key].update(default_us=1.0, best_us=2.0)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(Warning, match="faster than the default"):
+        assert database_coverage(mod, spec, load_database(log_copy)) == (0, 1)
+    # a faster record was logged after that timing (stale entry): it no longer decides
+    meta["verified"][key]["best_trial_us"] = 10 * summary.tasks[0].best_us
+    meta_path.write_text(json.dumps(meta))
+    assert database_coverage(mod, spec, load_database(log_copy)) == (1, 1)
 
 
 def test_builder_only_when_target_cannot_run_here(monkeypatch, tmp_path, capsys):
