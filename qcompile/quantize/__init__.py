@@ -236,7 +236,9 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         "bias_correction": bool(config.bias_correction and not qdq),
         "equalization": (None if equalized is None else
                          {"mode": config.equalize,
-                          "pairs": len(equalized["pairs"]), "sweeps": equalized["sweeps"],
+                          "pairs": len(equalized["pairs"]),
+                          "residual_groups": len(equalized.get("groups", [])),
+                          "sweeps": equalized["sweeps"],
                           "per_channel_clips": sum(p["clip"] for p in equalized["pairs"])}),
         "requantize": ("float32 multiply + round-half-even" if config.requant == "float" else
                        "int64 fixed-point multiply + rounding right shift")

@@ -64,12 +64,25 @@ def _out_axis(layer) -> int:
     return 0 if layer.kind == "conv2d" else 1
 
 
-def find_pairs(mod) -> list[Pair]:
+@dataclass
+class Group:
+    """A residual stream: tensors joined by adds (``t2 = t1 + proj2(...)``), written by
+    ``producers`` (layers without activation, output channels divided by s) and read by
+    ``consumers`` (input channels multiplied by s). Equalized with measured ranges only."""
+    producers: list
+    consumers: list
+    members: list          # the stream tensors (producer outputs and add outputs)
+    channels: int
+    scale: np.ndarray = None
+    act_range: np.ndarray | None = None
+
+
+def find_pairs(mod, plan=None) -> list[Pair]:
     """The equalizable layer pairs of a prepared module (see the module docstring)."""
     from .plan import build_plan
 
     func = mod["main"]
-    plan = build_plan(mod)
+    plan = plan or build_plan(mod)
     uses = _ir.use_map(func)
     by_anchor = {l.anchor: l for l in plan.layers}
     by_input = {}
@@ -127,6 +140,74 @@ def find_pairs(mod) -> list[Pair]:
         pairs.append(Pair(first, second, channels, rows, clip_hi, min_var, np.ones(channels),
                           between=min_var if min_var is not None else first.out_var))
     return pairs
+
+
+def find_groups(mod, plan) -> list[Group]:
+    """Residual streams of conv2d layers (NCHW) whose every use is an add of the stream,
+    a producing layer (conv, no activation) or a consuming conv (groups 1) / matmul."""
+    from tvm import relax
+
+    func = mod["main"]
+    uses = _ir.use_map(func)
+    producer_of = {l.out_var: l for l in plan.layers
+                   if l.kind == "conv2d" and l.activation is None}
+    consumers_of = {}
+    for layer in plan.layers:
+        if layer.kind == "conv2d" and int(layer.call.attrs.groups) == 1:
+            consumers_of.setdefault(layer.input_var, []).append(layer)
+    adds = {b.var: b for b in _ir.main_bindings(func)
+            if _ir.op_name(b.value) == "relax.add"
+            and all(isinstance(a, relax.Var) for a in b.value.args)
+            and all(_ir.tensor_shape(a) == _ir.tensor_shape(b.var) for a in b.value.args)}
+    parent = {}
+
+    def find(v):
+        while True:
+            up = parent.setdefault(v, v)
+            if up.same_as(v):
+                return v
+            v = up
+
+    for var, binding in adds.items():
+        for arg in binding.value.args:
+            parent[find(arg)] = find(var)
+    members = {}
+    for var in parent:
+        members.setdefault(find(var), []).append(var)
+    groups = []
+    for vars_ in members.values():
+        producers, consumers, ok = [], [], True
+        shape = _ir.tensor_shape(vars_[0])
+        if shape is None or len(shape) != 4:
+            continue
+        for var in vars_:
+            if var not in adds and var not in producer_of:
+                ok = False  # a stream tensor from somewhere else (an input, a pool, ...)
+                break
+            if var in producer_of:
+                producers.append(producer_of[var])
+            for user in uses.get(var, []):
+                if user == "return":
+                    ok = False
+                elif user.var in adds and find(user.var).same_as(find(var)):
+                    continue
+                elif any(c.anchor.same_as(user.var) for c in consumers_of.get(var, [])):
+                    consumers.extend(c for c in consumers_of[var] if c.anchor.same_as(user.var))
+                else:
+                    ok = False
+        if ok and producers and consumers:
+            groups.append(Group(producers, consumers, vars_, shape[1], np.ones(shape[1])))
+    return groups
+
+
+def _group_scales(g, per_channel: bool) -> np.ndarray:
+    """Balance the stream's measured channel range with the consumers' input ranges."""
+    r2 = np.max([_in_ranges(c, g.channels, 1) for c in g.consumers], axis=0)
+    r1 = g.act_range / g.scale
+    ok = (r1 > TINY * max(r1.max(), TINY)) & (r2 > TINY * max(r2.max(), TINY))
+    s = np.ones(g.channels)
+    s[ok] = np.sqrt(r1[ok] * r2[ok]) / r2[ok]
+    return s
 
 
 def _channel_axis(layer) -> int:
@@ -213,26 +294,37 @@ def _scales(p, per_channel: bool) -> np.ndarray:
     return s
 
 
+def _divide_outputs(layer, s: np.ndarray) -> None:
+    shape = [1] * layer.weight.ndim
+    shape[_out_axis(layer)] = len(s)
+    layer.weight = layer.weight / s.reshape(shape)
+    if layer.bias is not None:
+        layer.bias = layer.bias / s
+
+
 def equalize_pairs(pairs, iterations: int = 100, tol: float = 1e-4,
-                   per_channel: bool = True) -> int:
+                   per_channel: bool = True, groups=()) -> int:
     """Scale the weights (float64, in the Layer objects) until no ``s`` moves by more
     than ``tol`` (relative); returns the number of sweeps done."""
-    for layer in {id(p.first): p.first for p in pairs}.values():
+    involved = [l for p in pairs for l in (p.first, p.second)]
+    involved += [l for g in groups for l in g.producers + g.consumers]
+    for layer in {id(l): l for l in involved}.values():
         layer.weight = layer.weight.astype(np.float64)
-    for p in pairs:
-        p.second.weight = p.second.weight.astype(np.float64)
-        if p.first.bias is not None:
-            p.first.bias = np.asarray(p.first.bias, np.float64)
+        if layer.bias is not None:
+            layer.bias = np.asarray(layer.bias, np.float64)
     for sweep in range(1, iterations + 1):
         moved = 0.0
+        for g in groups:
+            s = _group_scales(g, per_channel)
+            for layer in g.producers:
+                _divide_outputs(layer, s)
+            for layer in g.consumers:
+                _set_in_scaled(layer, g.channels, 1, s)
+            g.scale = g.scale * s
+            moved = max(moved, float(np.max(np.abs(np.log(s)))))
         for p in pairs:
             s = _scales(p, per_channel)
-            axis = _out_axis(p.first)
-            shape = [1] * p.first.weight.ndim
-            shape[axis] = p.channels
-            p.first.weight = p.first.weight / s.reshape(shape)
-            if p.first.bias is not None:
-                p.first.bias = p.first.bias / s
+            _divide_outputs(p.first, s)
             _set_in_scaled(p.second, p.channels, p.rows_per_channel, s)
             p.scale = p.scale * s
             moved = max(moved, float(np.max(np.abs(np.log(s)))))
@@ -250,9 +342,15 @@ def channel_ranges(mod, spec, calib, inputs, progress=None) -> dict:
     """{var: max |x| per channel} of :func:`between_vars` over the calibration data."""
     from .calibrate import run_with_outputs
 
-    pairs = find_pairs(mod)
+    from .plan import build_plan
+
+    plan = build_plan(mod)
+    pairs = find_pairs(mod, plan)
     found = {p.between: None for p in pairs}
     axes = {p.between: _channel_axis(p.first) for p in pairs}
+    for g in find_groups(mod, plan):
+        for var in g.members:
+            found[var], axes[var] = None, 1
     order = list(found)
 
     def on_batch(arrays, _valid):
@@ -276,18 +374,30 @@ def equalize(mod, iterations: int = 100, ranges: dict | None = None, per_channel
     """
     from tvm import relax
 
-    pairs = find_pairs(mod)
-    if not pairs:
-        return mod, {"pairs": [], "sweeps": 0}
+    from .plan import build_plan
+
+    plan = build_plan(mod)
+    pairs = find_pairs(mod, plan)
+    groups = []
+    if ranges is not None:  # residual streams: measured ranges only
+        groups = [g for g in find_groups(mod, plan)
+                  if all(ranges.get(v) is not None for v in g.members)]
+        for g in groups:
+            g.act_range = np.max([np.asarray(ranges[v], np.float64) for v in g.members], axis=0)
+    if not pairs and not groups:
+        return mod, {"pairs": [], "groups": [], "sweeps": 0}
     for p in pairs:
         if ranges is not None and ranges.get(p.between) is not None:
             p.act_range = np.asarray(ranges[p.between], np.float64)
     before = {id(p.first): _spread(_out_ranges(p.first)) for p in pairs}
-    sweeps = equalize_pairs(pairs, iterations, per_channel=per_channel)
+    sweeps = equalize_pairs(pairs, iterations, per_channel=per_channel, groups=groups)
     layers = {}
     for p in pairs:
         layers[p.first.anchor] = p.first
         layers[p.second.anchor] = p.second
+    for g in groups:
+        for layer in g.producers + g.consumers:
+            layers[layer.anchor] = layer
     bias_of = {l.bias_var: l for l in layers.values() if l.bias_var is not None}
     clip_of = {p.first.act_var: p for p in pairs if p.clip_hi is not None and p.min_var is None}
     min_of = {p.min_var: p for p in pairs if p.min_var is not None}
@@ -328,7 +438,12 @@ def equalize(mod, iterations: int = 100, ranges: dict | None = None, per_channel
             _ir.copy_binding(bb, binding, remap)
 
     out = _ir.rewrite_main(mod, visit)
-    report = {"sweeps": sweeps, "pairs": [
+    report = {"sweeps": sweeps, "groups": [
+        {"producers": [l.anchor.name for l in g.producers],
+         "consumers": [l.anchor.name for l in g.consumers], "channels": g.channels,
+         "activation_spread_before": _spread(g.act_range),
+         "activation_spread_after": _spread(g.act_range / g.scale)} for g in groups],
+        "pairs": [
         {"first": p.first.anchor.name, "second": p.second.anchor.name, "channels": p.channels,
          "clip": p.clip_hi is not None,
          "range_spread_before": before[id(p.first)],
