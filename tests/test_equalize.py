@@ -163,3 +163,56 @@ def test_cli_flag():
     assert config_from_args(parser.parse_args(["--equalize", "weights"])).equalize == "weights"
     assert config_from_args(parser.parse_args([])).equalize == QuantConfig().equalize
     assert config_from_args(parser.parse_args(["--no-equalize"])).equalize is None
+
+
+def _residual_stream_model():
+    """conv a (no activation) -> t1; t1 -> conv b + Relu -> conv c; t2 = t1 + c;
+    t2 -> conv d + Relu. [1,8,8,8] -> [1,4,8,8]. One residual stream: producers a, c;
+    consumers b, d."""
+    from onnx_builders import _Graph, _model
+
+    g = _Graph(5)
+    t1 = g.conv("input", "a", 8, 8, 1)
+    y = g.relu(g.conv(t1, "b", 8, 16, 3), "b_relu")
+    y = g.conv(y, "c", 16, 8, 1)
+    t2 = g.node("Add", [t1, y], "add")
+    y = g.relu(g.conv(t2, "d", 8, 4, 1), "d_relu")
+    return _model(g, "residual_stream", [("input", [1, 8, 8, 8])], [("output", y, [1, 4, 8, 8])])
+
+
+def test_residual_stream_group(tmp_path):
+    from qcompile.quantize.equalize import find_groups
+    from qcompile.quantize.plan import build_plan
+
+    model = _residual_stream_model()
+    imp = import_onnx(save_model(model, tmp_path, "residual_stream"))
+    mod = prepare(imp.mod)
+    plan = build_plan(mod)
+    (group,) = find_groups(mod, plan)
+    names = {l.anchor: l.name for l in plan.layers}
+    assert sorted(names[l.anchor] for l in group.producers) == ["conv2d_0", "conv2d_2"]
+    assert sorted(names[l.anchor] for l in group.consumers) == ["conv2d_1", "conv2d_3"]
+    rng = np.random.default_rng(0)
+    # uneven channels: some input channels 10x larger, so the stream is uneven too
+    gain = np.where(np.arange(8) % 3 == 0, 10.0, 1.0).reshape(1, 8, 1, 1)
+    calib = CalibrationData([{"input": (rng.standard_normal((1, 8, 8, 8)) * gain)
+                              .astype(np.float32)} for _ in range(4)], "random")
+    spec = get_target("host")
+    ranges = channel_ranges(mod, spec, calib, imp.inputs)
+    after, report = equalize(mod, ranges=ranges)
+    assert len(report["groups"]) == 1
+    measured = channel_ranges(after, spec, calib, imp.inputs)
+    (new_group,) = find_groups(after, build_plan(after))
+    stream = np.max([measured[v] for v in new_group.members], axis=0)
+    consumers = np.max([_in_ranges(c, 8, 1) for c in new_group.consumers], axis=0)
+    np.testing.assert_allclose(stream, consumers, rtol=1e-3)  # balanced, as measured
+    feeds = {"input": (rng.standard_normal((1, 8, 8, 8)) * gain).astype(np.float32)}
+    np.testing.assert_allclose(run(after, feeds, imp.inputs), run(mod, feeds, imp.inputs),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_weights_mode_leaves_residual_streams_alone(tmp_path):
+    imp = import_onnx(save_model(_residual_stream_model(), tmp_path, "residual_stream"))
+    _after, report = equalize(prepare(imp.mod))
+    assert report["groups"] == []  # a stream needs measured ranges
+    assert len(report["pairs"]) == 1  # b -(relu)-> c; t1 and t2 have two users / an add
