@@ -757,6 +757,19 @@ def _sigint_stops(state: _State):
 # --------------------------------------------------------------------------------------
 
 
+def _median_result(res):
+    """The runner result with its samples reduced to their median (see the evaluator
+    config in :func:`tune`): the record MetaSchedule stores and ranks by."""
+    from tvm.s_tir.meta_schedule.runner import RunnerResult
+
+    if res.error_msg is not None or res.run_secs is None or len(res.run_secs) < 2:
+        return res
+    vals = sorted(float(v) for v in res.run_secs)
+    from tvm import tirx
+
+    return RunnerResult([tirx.FloatImm("float64", vals[len(vals) // 2])], None)
+
+
 def _wrap_runner(inner, retries: int, state: "_State"):
     """Wrap a MetaSchedule runner: count batches in flight; re-submit failed trials.
 
@@ -782,7 +795,7 @@ def _wrap_runner(inner, retries: int, state: "_State"):
             while True:
                 res = self.future.result()
                 if res.error_msg is None or self.left <= 0:
-                    return res
+                    return _median_result(res)
                 self.left -= 1
                 state.retried += 1
                 last = str(res.error_msg).strip().splitlines() or ["?"]
@@ -797,8 +810,6 @@ def _wrap_runner(inner, retries: int, state: "_State"):
             if not runner_inputs:
                 return []
             futures = inner.run(runner_inputs)
-            if retries <= 0:
-                return list(futures)
             return [RetryFuture(i, f) for i, f in zip(runner_inputs, futures)]
 
     return QCompileRunner()
@@ -1026,7 +1037,11 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
     state = _State(summaries, remaining, budget_minutes * 60 if budget_minutes else None,
                    progress, stream)
     state.start = t_start
-    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=40,
+    # Many short samples, not one long window: on a machine busier than its core count
+    # a 40 ms window absorbs the time slices other processes take (a 15 us kernel then
+    # measured 35-44 us), while most single calls run between preemptions, as the same
+    # kernel does inside the model. The runner wrapper keeps the median sample.
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=11, min_repeat_ms=0,
                                           enable_cpu_cache_flush=False)
     if not measured:
         runner = _wrap_runner(_unmeasured_runner(f"not measured: {spec.name} needs an RPC "
@@ -1235,7 +1250,7 @@ def _time_modules(pairs, target, builder, runner, repeats: int = 1) -> list[floa
     if run_inputs:
         for _ in range(repeats):
             for i, fut in zip(index, runner.run(run_inputs)):
-                res = fut.result()
+                res = _median_result(fut.result())
                 if res.error_msg is None and res.run_secs is not None:
                     us = _run_secs_mean(res.run_secs) * 1e6
                     if us < _FAILED_SECS and (out[i] is None or us < out[i]):
