@@ -112,11 +112,13 @@ def main(argv=None) -> int:
     calib_x = np.load(EXAMPLES / "fashion_mnist_calib.npz")["input"]
 
     rows = []
+    correct = {}  # row name -> per-image "top-1 right" (for the paired comparison with ORT)
 
     def add(name, logits, float_logits, seconds=None, note=""):
         acc = 100 * np.mean(logits.argmax(1) == labels)
         agree = 100 * np.mean(logits.argmax(1) == float_logits.argmax(1))
         rows.append((name, acc, agree, seconds, note))
+        correct[name] = logits.argmax(1) == labels
         print(f"  {name}: {acc:.2f}%", file=sys.stderr)
 
     float_ref = ort_logits(args.model, x)
@@ -159,7 +161,30 @@ def main(argv=None) -> int:
     for name, acc, agree, seconds, note in rows:
         t = f"{seconds:.1f}" if seconds is not None else ""
         print(f"| {name} | {acc:.2f} | {agree:.2f} | {t} | {note} |")
+    paired_with_ort(rows, correct, spec)
     return 0
+
+
+def paired_with_ort(rows, correct, spec) -> None:
+    """Per image, against ORT with the same weight bits: how many only qcompile gets
+    right, how many only ORT, and the exact two-sided sign-test (McNemar) p-value --
+    whether an accuracy difference of a few images is more than chance."""
+    from math import comb
+
+    ort = "ORT quantize_static QDQ" + (" reduce_range" if spec.reduce_range else "")
+    if ort not in correct:
+        return
+    print(f"\nPaired with `{ort}` (same weight bits as this target):\n")
+    print("| model | only qcompile right | only ORT right | sign-test p |")
+    print("| --- | --- | --- | --- |")
+    for name, *_ in rows:
+        if not name.startswith("qcompile int8"):
+            continue
+        a = int(np.sum(correct[name] & ~correct[ort]))
+        b = int(np.sum(~correct[name] & correct[ort]))
+        n, k = a + b, min(a, b)
+        p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+        print(f"| {name} | {a} | {b} | {p:.2f} |")
 
 
 def requant_timing(args) -> int:
