@@ -49,6 +49,11 @@ TILE_W_MAX: int | None = None
 # float conv on AVX-512: output-channel vectors per register tile (1 or 2; 2 is used
 # for output widths <= 28, where it measured faster: 512ch@7x7 7.9 -> 3.7 ms).
 FLOAT_OC_VECS = 2
+# float conv on AVX2 (16 ymm registers): channel vectors per tile, and the tile's pixels
+# with two vectors (2 x 4 accumulators; measured 128ch 28x28 3.75 -> 3.22 ms, 512ch 7x7
+# 5.27 -> 4.74 ms; 6 pixels was slower at 7 wide: a ragged tile).
+FLOAT_OC_VECS_AVX2 = 2
+AVX2_TW_2VEC = 4
 
 
 # A nest with less work than this (iterations of its loops, all levels) runs on one thread:
@@ -485,10 +490,15 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
         tw = max(d for d in range(1, tw + 1) if ow % d == 0)
     n_oc = _extent(sch, o)
     oo, oi = sch.split(o, [None, lanes])
-    n_vec = FLOAT_OC_VECS if (not is_int8 and vec_width >= 16) else 1
-    if n_vec > 1 and (n_oc // lanes) % n_vec == 0 and ow <= 28:
+    if is_int8:
+        n_vec = 1
+    elif vec_width >= 16:
+        n_vec = FLOAT_OC_VECS if ow <= 28 else 1
+    else:
+        n_vec = FLOAT_OC_VECS_AVX2
+    if n_vec > 1 and (n_oc // lanes) % n_vec == 0:
         # two channel vectors per tile: each input broadcast feeds two FMAs
-        tw = _pick_tile(ow, 4, 12)
+        tw = _pick_tile(ow, 4, 12 if vec_width >= 16 else AVX2_TW_2VEC)
         oo, ov = sch.split(oo, [None, n_vec])
     else:
         ov = None
