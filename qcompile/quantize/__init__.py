@@ -76,7 +76,14 @@ class QuantConfig:
     bias_correction: bool = True
     # cross-layer equalization (quantize/equalize.py) of consecutive conv/matmul pairs
     # before calibration: None (off) | "weights" (data-free, Nagel et al.) | "activations"
-    # (scales from each channel's measured range: one more float pass over the data)
+    # (scales from each channel's measured range, residual streams too: one more float
+    # pass). Off by default -- it helps MobileNetV2 but not EfficientNet-Lite0 (logit
+    # SQNR on 14 photos, 8-bit weights; MiniLM has no equalizable pair):
+    #   method        MobileNetV2 off/weights/activations   EfficientNet-Lite0 off/w/a
+    #   mse           17.7 / 16.6 / 19.7 dB                  23.3 / 21.0 / 22.5 dB
+    #   percentile    18.9 / 18.7 / 19.9 dB                  22.8 / - / 21.9 (pairs only)
+    # and each ReLU6 between a pair becomes relu + a per-channel float minimum, which the
+    # int8 epilogue (one clip bound per tensor) cannot fuse.
     equalize: str | None = None
     requant: str = "float"            # float (float32 multiply, default) | fixed (int64 m0 >> n)
     sqnr: bool = True                 # per-layer SQNR vs float in the summary
