@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     def add(name, logits, float_logits, seconds=None, note=""):
         acc = 100 * np.mean(logits.argmax(1) == labels)
         agree = 100 * np.mean(logits.argmax(1) == float_logits.argmax(1))
-        rows.append((name, acc, agree, seconds, note))
+        err = np.sum((logits.astype(np.float64) - float_logits) ** 2)
+        sqnr = 10 * np.log10(np.sum(float_logits.astype(np.float64) ** 2) / max(err, 1e-300))
+        rows.append((name, acc, agree, sqnr, seconds, note))
         correct[name] = logits.argmax(1) == labels
         print(f"  {name}: {acc:.2f}%", file=sys.stderr)
 
@@ -156,11 +158,13 @@ def main(argv=None) -> int:
              "full 10,000-image test set")
     print(f"\nBundled Fashion-MNIST CNN, {which}, target {spec.name}, "
           f"256 calibration images\n")
-    print("| model | top-1 (%) | top-1 agreement with float (%) | quantize time (s) | notes |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, acc, agree, seconds, note in rows:
+    print("| model | top-1 (%) | top-1 agreement with float (%) | logit SQNR vs float (dB) "
+          "| quantize time (s) | notes |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, acc, agree, sqnr, seconds, note in rows:
         t = f"{seconds:.1f}" if seconds is not None else ""
-        print(f"| {name} | {acc:.2f} | {agree:.2f} | {t} | {note} |")
+        q = f"{sqnr:.1f}" if np.isfinite(sqnr) and sqnr < 100 else "exact"
+        print(f"| {name} | {acc:.2f} | {agree:.2f} | {q} | {t} | {note} |")
     paired_with_ort(rows, correct, spec)
     return 0
 
