@@ -117,7 +117,7 @@ def test_quantize_with_equalize(imported):
     result = quantize_model(imp, calib, QuantConfig(equalize="activations", progress=False),
                             "host")
     eq = result.summary["equalization"]
-    assert eq == {"mode": "activations", "pairs": 2, "sweeps": eq["sweeps"],
+    assert eq == {"mode": "activations", "pairs": 2, "residual_groups": 0, "sweeps": eq["sweeps"],
                   "per_channel_clips": 2}
     assert len(result.summary["int8_layers"]) == 3
     assert result.summary["output_sqnr_db"] > 25
