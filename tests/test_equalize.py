@@ -160,7 +160,11 @@ def test_cli_flag():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert config_from_args(parser.parse_args(["--equalize"])).equalize == "activations"
-    assert config_from_args(parser.parse_args(["--equalize", "weights"])).equalize == "weights"
+    assert config_from_args(parser.parse_args(["--equalize-data-free"])).equalize == "weights"
+    # the flag takes no value: what follows stays a positional argument
+    parser.add_argument("model")
+    args = parser.parse_args(["--equalize", "model.onnx"])
+    assert args.model == "model.onnx" and args.equalize == "activations"
     assert config_from_args(parser.parse_args([])).equalize == QuantConfig().equalize
     assert config_from_args(parser.parse_args(["--no-equalize"])).equalize is None
 
