@@ -161,12 +161,12 @@ def test_cli_flag():
     add_arguments(parser)
     assert config_from_args(parser.parse_args(["--equalize"])).equalize == "activations"
     assert config_from_args(parser.parse_args(["--equalize-data-free"])).equalize == "weights"
+    assert config_from_args(parser.parse_args([])).equalize == QuantConfig().equalize
+    assert config_from_args(parser.parse_args(["--no-equalize"])).equalize is None
     # the flag takes no value: what follows stays a positional argument
     parser.add_argument("model")
     args = parser.parse_args(["--equalize", "model.onnx"])
     assert args.model == "model.onnx" and args.equalize == "activations"
-    assert config_from_args(parser.parse_args([])).equalize == QuantConfig().equalize
-    assert config_from_args(parser.parse_args(["--no-equalize"])).equalize is None
 
 
 def _residual_stream_model():
