@@ -27,6 +27,15 @@ What may sit between the two layers (each var used only by the next step):
 Layer 1 and 2 are conv2d (any groups) or matmul with constant weights, as
 :func:`~qcompile.quantize.plan.build_plan` finds them in a prepared module.
 Anything else (GELU, a residual add, a var with two users) ends a pair.
+
+Two ways to pick ``s`` (see :func:`_scales`): data-free from weight ranges (the
+paper), or -- given each channel's measured range of the tensor between
+(:func:`channel_ranges`, one float pass) -- from activation ranges. The second
+also rescales residual streams (:func:`find_groups`): every conv writing a stream
+of adds divides its output channel c by ``s_c``, every conv reading it multiplies
+its input channel c. With per-channel weight scales the data-free choice mostly
+moves error from weights (already per-channel) into activations; measured in
+benchmarks/results/real_models.md.
 """
 
 from __future__ import annotations
