@@ -80,8 +80,8 @@ class QuantConfig:
     # pass). Off by default -- it helps MobileNetV2 but not EfficientNet-Lite0 (logit
     # SQNR on 14 photos, 8-bit weights; MiniLM has no equalizable pair):
     #   method        MobileNetV2 off/weights/activations   EfficientNet-Lite0 off/w/a
-    #   mse           17.7 / 16.6 / 19.7 dB                  23.3 / 21.0 / 22.5 dB
-    #   percentile    18.9 / 18.7 / 19.9 dB                  22.8 / - / 21.9 (pairs only)
+    #   mse           17.3 / 16.5 / 19.7 dB                  23.3 / 21.0 / 22.5 dB
+    #   percentile    19.0 /  -   / 19.9 dB                  22.8 / - / 21.9 (pairs only)
     # and each ReLU6 between a pair becomes relu + a per-channel float minimum, which the
     # int8 epilogue (one clip bound per tensor) cannot fuse.
     equalize: str | None = None
