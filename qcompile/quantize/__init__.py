@@ -37,7 +37,7 @@ from .plan import build_plan, tensor_names
 from .equalize import channel_ranges, equalize
 from .prepare import prepare
 from .qdq import has_qdq, match_weight, strip_pairs, weight_table
-from .realize import QParams, act_qparams, realize
+from .realize import WEIGHT_SCALES, QParams, act_qparams, realize
 
 __all__ = ["QuantConfig", "QuantResult", "quantize_model", "load_calibration", "prepare",
            "build_plan", "calibrate", "realize", "METHODS"]
@@ -85,6 +85,9 @@ class QuantConfig:
     # and each ReLU6 between a pair becomes relu + a per-channel float minimum, which the
     # int8 epilogue (one clip bound per tensor) cannot fuse.
     equalize: str | None = None
+    # per-channel weight scale: "minmax" (max|w| / 127) | "mse" (clip ratio in [0.5, 1]
+    # of max|w| with the least weight MSE, per channel; realize.quantize_weight)
+    weight_scale: str = "minmax"
     requant: str = "float"            # float (float32 multiply, default) | fixed (int64 m0 >> n)
     sqnr: bool = True                 # per-layer SQNR vs float in the summary
     sqnr_samples: int = 64            # calibration samples used for SQNR
@@ -108,6 +111,9 @@ class QuantConfig:
         if self.equalize not in (None, "weights", "activations"):
             raise InputError(f"equalize must be weights, activations or none, got "
                              f"'{self.equalize}'")
+        if self.weight_scale not in WEIGHT_SCALES:
+            raise InputError(f"weight scale must be one of {', '.join(WEIGHT_SCALES)}, got "
+                             f"'{self.weight_scale}'")
         if self.requant not in ("float", "fixed"):
             raise InputError(f"requantize mode must be float or fixed, got '{self.requant}'")
         bad = [o for o in self.ops if o not in ("conv2d", "matmul")]
@@ -221,13 +227,14 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                                     keep_samples=config.sqnr_samples if config.sqnr else 0,
                                     channel_means=means)
         if config.bias_correction:
-            correct_biases(plan, observers.pop("means"), config.per_channel, reduce_range)
+            correct_biases(plan, observers.pop("means"), config.per_channel, reduce_range,
+                           config.weight_scale)
         ranges = {var: obs.compute_range() for var, obs in observers.items()}
         qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
     names = tensor_names(plan, float_mod["main"])
     qmod, records = realize(float_mod, plan, qparams, config.per_channel, reduce_range,
                             weight_override=override, fake_quant=qdq, requant=config.requant,
-                            names=names)
+                            names=names, weight_scale=config.weight_scale)
 
     weight_bits = sorted({r["weight"]["bits"] for r in records}) or [7 if reduce_range else 8]
     summary = {
@@ -236,7 +243,8 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         "weights": {"dtype": "int8", "symmetric": True,
                     "per_channel": all(r["weight"]["per_channel"] for r in records)
                     if records else config.per_channel,
-                    "bits": max(weight_bits), "reduce_range": reduce_range and not qdq},
+                    "bits": max(weight_bits), "reduce_range": reduce_range and not qdq,
+                    "scale": "from the model" if qdq else config.weight_scale},
         "activations": {"dtype": config.act_dtype if not qdq else
                         sorted({p.dtype for p in qparams.values()}),
                         "symmetric": config.act_dtype == "int8" if not qdq else None},
@@ -297,7 +305,7 @@ def _add_sqnr(result, spec, kept, inputs, config) -> None:
     int8_mod, _ = realize(result.float_mod, result.plan, result.qparams,
                           config.per_channel, result.summary["weights"]["reduce_range"],
                           extra_outputs=extra, weight_override=result.weight_override,
-                          requant=config.requant)
+                          requant=config.requant, weight_scale=config.weight_scale)
     int8_outs = collect_outputs(int8_mod, spec, feeds, inputs, config.progress, "SQNR")
     int8_outs = [np.asarray(o)[:len(f)] for o, f in zip(int8_outs, float_outs)]
     values = layer_sqnr(float_outs[1:], int8_outs[1:])
@@ -330,7 +338,8 @@ def _quantize_dynamic(imported, calib, config, spec) -> QuantResult:
     for layer in plan.layers:
         if layer.quantize is False and layer.kind == "conv2d" and "not selected" in layer.reason:
             layer.reason = "dynamic quantization covers matmul only"
-    qmod, records = realize_dynamic(float_mod, plan, config.per_channel, reduce_range)
+    qmod, records = realize_dynamic(float_mod, plan, config.per_channel, reduce_range,
+                                    config.weight_scale)
     by_name = {r["name"]: r for r in records}
     layers = [by_name.get(l.name) or {"name": l.name, "op": l.onnx_op, "kind": l.kind,
                                       "int8": False, "reason": l.reason}
@@ -355,7 +364,8 @@ def _quantize_dynamic(imported, calib, config, spec) -> QuantResult:
     return result
 
 
-def correct_biases(plan, means: dict, per_channel: bool, reduce_range: bool) -> None:
+def correct_biases(plan, means: dict, per_channel: bool, reduce_range: bool,
+                   weight_scale: str = "minmax") -> None:
     """Bias correction: remove the expected output shift caused by weight rounding.
 
     With ``dW = dequantize(quantize(W)) - W`` and the per-channel mean ``E[x]`` of
@@ -370,7 +380,7 @@ def correct_biases(plan, means: dict, per_channel: bool, reduce_range: bool) -> 
         if mean is None:
             continue
         axis = 0 if layer.kind == "conv2d" else 1
-        q_w, s_w = quantize_weight(layer.weight, axis, per_channel, reduce_range)
+        q_w, s_w = quantize_weight(layer.weight, axis, per_channel, reduce_range, weight_scale)
         shape = [1] * layer.weight.ndim
         shape[axis] = len(s_w)
         delta = q_w.astype(np.float64) * s_w.reshape(shape) - layer.weight.astype(np.float64)

@@ -74,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="cross-layer equalization from weight ranges only (Nagel et al.)")
     eq.add_argument("--no-equalize", dest="equalize", action="store_const", const=None,
                     help="no cross-layer equalization")
+    group.add_argument("--weight-scale", choices=("minmax", "mse"), default="minmax",
+                       help="per-channel weight scale: minmax (max|w| / 127, nothing "
+                            "clipped) or mse (the clip ratio in [0.5, 1] of max|w| with the "
+                            "least weight quantization error, per channel)")
     group.add_argument("--no-progress", action="store_true",
                        help="no progress bar over calibration batches")
 
@@ -95,6 +99,7 @@ def config_from_args(args: argparse.Namespace, spec=None):
         max_accuracy_drop=getattr(args, "max_accuracy_drop", None),
         eval_data=getattr(args, "accuracy_data", None),
         requant=getattr(args, "requant", "float"),
+        weight_scale=getattr(args, "weight_scale", "minmax"),
         dynamic=getattr(args, "dynamic", False),
         bias_correction=getattr(args, "bias_correction", True),
         equalize=getattr(args, "equalize", None),

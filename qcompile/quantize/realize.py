@@ -60,6 +60,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from . import _ir
 
 INT32_MIN, INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -104,17 +105,53 @@ def act_qparams(lo: float, hi: float, dtype: str = "uint8") -> QParams:
     raise ValueError(f"activation dtype must be uint8 or int8, got {dtype}")
 
 
+WEIGHT_SCALES = ("minmax", "mse")
+# clip ratios (fractions of max|w|) tried per channel by weight_scale="mse"; 1.0 is
+# among them, so the chosen scale never has a larger weight MSE than min-max
+MSE_CLIP_RATIOS = np.linspace(0.5, 1.0, 101)
+
+
+def _mse_clip_ratio(rows: np.ndarray, amax: np.ndarray, qmax: int) -> np.ndarray:
+    """Per row of ``rows`` [C, K]: the clip ratio r (scale = r * amax / qmax) that
+    minimizes sum((clip(round(w / scale)) * scale - w)^2). Vectorized over channels;
+    a loop over the candidate ratios keeps memory at one [C, K] array (MiniLM's
+    matmuls are 1536 x 384)."""
+    best_err = np.full(len(rows), np.inf)
+    best = np.ones(len(rows))
+    safe = np.where(amax > 0, amax, 1.0)
+    for ratio in MSE_CLIP_RATIOS[::-1]:  # from 1.0 down: ties keep the larger (no-clip) ratio
+        scale = (np.maximum(ratio * safe / qmax, MIN_SCALE)
+                 .astype(np.float32).astype(np.float64))[:, None]
+        err = np.square(np.clip(np.round(rows / scale), -qmax, qmax) * scale - rows).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = np.where(better, ratio, best)
+    return best
+
+
 def quantize_weight(weight: np.ndarray, axis: int, per_channel: bool = True,
-                    reduce_range: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 weights: (q int8 array, scales [C] float64), channel ``axis``."""
+                    reduce_range: bool = False, weight_scale: str = "minmax",
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights: (q int8 array, scales [C] float64), channel ``axis``.
+
+    ``weight_scale``: "minmax" (scale = max|w| / qmax, nothing clipped) or "mse"
+    (per channel, the clip ratio in [0.5, 1] of max|w| with the least weight
+    rounding + clipping MSE: heavy-tailed channels give up their outliers for a
+    finer step on the bulk of the weights).
+    """
+    if weight_scale not in WEIGHT_SCALES:
+        raise InputError(f"weight scale must be one of {', '.join(WEIGHT_SCALES)}, "
+                         f"got '{weight_scale}'")
     qmax = 63 if reduce_range else 127
     weight = weight.astype(np.float64)
     moved = np.moveaxis(weight, axis, 0)
     channels = moved.shape[0]
-    if per_channel:
-        amax = np.abs(moved.reshape(channels, -1)).max(axis=1)
-    else:
-        amax = np.full(channels, np.abs(weight).max())
+    rows = moved.reshape(channels, -1) if per_channel else weight.reshape(1, -1)
+    amax = np.abs(rows).max(axis=1)
+    if weight_scale == "mse":
+        amax = amax * _mse_clip_ratio(rows, amax, qmax)
+    if not per_channel:
+        amax = np.full(channels, amax[0])
     scale = np.where(amax > 0, np.maximum(amax / qmax, MIN_SCALE), 1.0)
     scale = scale.astype(np.float32).astype(np.float64)
     shape = [1] * weight.ndim
@@ -329,7 +366,8 @@ def find_residual_adds(func, plan) -> dict:
 
 def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bool = False,
             extra_outputs=(), weight_override=None, fake_quant: bool = False,
-            requant: str = "float", names=None, int8_residual: bool = True):
+            requant: str = "float", names=None, int8_residual: bool = True,
+            weight_scale: str = "minmax"):
     """The integer module for ``plan`` with activation ``qparams`` ({root var: QParams}).
 
     Returns ``(module, records)``: one summary dict per quantized layer.
@@ -340,6 +378,7 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
     ``fake_quant``: float consumers of a quantized tensor read its dequantized
     value rather than the exact float one (what a QDQ model means). ``names``
     ({var: str}) names tensors in the records (default: Relax var names).
+    ``weight_scale``: how each weight channel's scale is chosen (quantize_weight).
     ``int8_residual=False`` keeps residual streams in float: the add still runs in
     the conv's epilogue, but on the exact float block input, and the block output
     is stored in float and quantized by a kernel of its own for the next conv.
@@ -422,7 +461,8 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         if given_w is not None:
             q_w, s_w = given_w
         else:
-            q_w, s_w = quantize_weight(layer.weight, axis, per_channel, reduce_range)
+            q_w, s_w = quantize_weight(layer.weight, axis, per_channel, reduce_range,
+                                       weight_scale)
         channels = len(s_w)
         acc_scale = p_in.scale * s_w
         if layer.kind == "conv2d":
@@ -457,6 +497,7 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
                             **p_in.to_dict()},
                   "weight": {"bits": int(np.abs(q_w).max()).bit_length() + 1,
                              "from_model": given_w is not None,
+                             "scale_method": "model" if given_w is not None else weight_scale,
                              "per_channel": bool(len(set(s_w.tolist())) > 1 or per_channel),
                              "scale": [float(s) for s in s_w]},
                   "activation": layer.activation[0] if layer.activation else None,
@@ -538,7 +579,8 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
     return _ir.rewrite_main(mod, visit, finish, start), records
 
 
-def realize_dynamic(mod, plan, per_channel: bool = True, reduce_range: bool = False):
+def realize_dynamic(mod, plan, per_channel: bool = True, reduce_range: bool = False,
+                    weight_scale: str = "minmax"):
     """Dynamic quantization of the planned matmul layers: no calibration.
 
     Each quantized matmul's input gets its uint8 scale and zero point at run
@@ -578,7 +620,7 @@ def realize_dynamic(mod, plan, per_channel: bool = True, reduce_range: bool = Fa
         q = bb.emit(relax.op.round(relax.op.divide(x, s)))
         q = bb.emit(relax.op.clip(relax.op.add(q, zp), _prim(0), _prim(255)))
         q = bb.emit(relax.op.astype(q, "uint8"), name_hint=f"{var.name}_dynq")
-        q_w, s_w = quantize_weight(layer.weight, 1, per_channel, reduce_range)
+        q_w, s_w = quantize_weight(layer.weight, 1, per_channel, reduce_range, weight_scale)
         acc = bb.emit(relax.op.matmul(q, _ir.const(q_w, "int8"), out_dtype="int32"),
                       name_hint=f"{var.name}_acc")
         colsum = q_w.astype(np.int64).sum(axis=0).astype(np.int32)

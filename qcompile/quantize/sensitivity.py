@@ -131,7 +131,7 @@ def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
             raise RuntimeError(f"fallback: no calibrated range for {[v.name for v in missing]}")
         mod, records = realize(result.float_mod, plan, result.qparams, config.per_channel,
                                reduce_range, weight_override=result.weight_override,
-                               requant=config.requant)
+                               requant=config.requant, weight_scale=config.weight_scale)
         return plan, mod, records
 
     compiled = {}

@@ -1,0 +1,133 @@
+"""Per-channel weight scales: min-max vs MSE-searched clip ratios (realize.quantize_weight)."""
+
+import numpy as np
+import pytest
+
+from qcompile.errors import InputError
+from qcompile.quantize import QuantConfig
+from qcompile.quantize.realize import quantize_weight
+
+
+def _mse(weight, q, scale, axis=0):
+    shape = [1] * weight.ndim
+    shape[axis] = len(scale)
+    return float(np.mean((q.astype(np.float64) * scale.reshape(shape) - weight) ** 2))
+
+
+def _per_channel_mse(weight, q, scale):
+    return ((q.astype(np.float64) * scale[:, None] - weight) ** 2).mean(axis=1)
+
+
+def test_mse_scales_beat_minmax_on_heavy_tails():
+    rng = np.random.default_rng(0)
+    # Laplace: a long continuous tail, where a clip below max|w| pays off. At 8 bits the
+    # gain is small (rounding error is already tiny): measured about 2.5 % lower MSE
+    w = rng.laplace(size=(32, 4096)).astype(np.float32)
+    q0, s0 = quantize_weight(w, 0, weight_scale="minmax")
+    q1, s1 = quantize_weight(w, 0, weight_scale="mse")
+    per0, per1 = _per_channel_mse(w, q0, s0), _per_channel_mse(w, q1, s1)
+    assert np.all(per1 <= per0 + 1e-18)          # never worse on any channel
+    assert _mse(w, q1, s1) < 0.99 * _mse(w, q0, s0)  # better overall
+    assert np.all(s1 <= s0) and np.any(s1 < 0.99 * s0)  # by clipping the tail
+    assert np.all(np.isfinite(s1)) and np.all(s1 > 0)
+
+
+def test_mse_scales_do_not_clip_a_uniform_tensor_needlessly():
+    rng = np.random.default_rng(1)
+    w = rng.uniform(-1.0, 1.0, size=(16, 4096))
+    _q0, s0 = quantize_weight(w, 0, weight_scale="minmax")
+    q1, s1 = quantize_weight(w, 0, weight_scale="mse")
+    # uniform weights have no tail worth clipping: the search stays near max|w|
+    assert np.all(s1 >= 0.97 * s0)
+    clipped = np.abs(w) > (np.abs(q1).max(axis=1, keepdims=True) + 0.5) * s1[:, None]
+    assert clipped.mean() < 0.02
+
+
+def test_mse_scales_handle_zero_and_tiny_channels():
+    w = np.zeros((4, 3, 3, 3), np.float32)
+    w[1] = 0.5
+    w[2, 0, 0, 0] = -2.0
+    w[3] = 1e-42  # float32 denormal
+    q, s = quantize_weight(w, 0, weight_scale="mse")
+    assert np.all(np.isfinite(s)) and np.all(s > 0)
+    assert s[0] == 1.0 and not q[0].any()        # zero channel: scale 1, all zeros
+    assert np.all(q[1] == q[1].flat[0])          # constant channel stays constant
+    assert abs(q[2, 0, 0, 0] * s[2] + 2.0) < 1e-6  # a lone weight is kept exactly
+    assert q.dtype == np.int8 and np.abs(q).max() <= 127
+
+
+def test_mse_scales_per_tensor_and_reduce_range_and_axis():
+    rng = np.random.default_rng(2)
+    w = rng.standard_t(3, size=(64, 24)).astype(np.float32)  # matmul [K, N]: channel axis 1
+    q, s = quantize_weight(w, 1, per_channel=True, reduce_range=True, weight_scale="mse")
+    assert s.shape == (24,) and np.abs(q).max() <= 63
+    q0, s0 = quantize_weight(w, 1, per_channel=True, reduce_range=True)
+    assert _mse(w, q, s, axis=1) <= _mse(w, q0, s0, axis=1)
+    qt, st = quantize_weight(w, 1, per_channel=False, weight_scale="mse")
+    assert len(set(st.tolist())) == 1
+    qt0, st0 = quantize_weight(w, 1, per_channel=False)
+    assert _mse(w, qt, st, axis=1) <= _mse(w, qt0, st0, axis=1)
+
+
+def test_minmax_is_unchanged_default():
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 50))
+    q, s = quantize_weight(w, 0)
+    np.testing.assert_allclose(s, (np.abs(w).max(axis=1) / 127).astype(np.float32))
+    assert np.abs(q).max() == 127
+
+
+def test_bad_weight_scale_is_a_clear_error():
+    with pytest.raises(InputError, match="weight scale"):
+        quantize_weight(np.ones((2, 2)), 0, weight_scale="kl")
+    with pytest.raises(InputError, match="weight scale"):
+        QuantConfig(weight_scale="kl").validate()
+
+
+def test_cli_flag_reaches_the_config():
+    import argparse
+
+    from qcompile.quantize.cli_options import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--weight-scale", "mse"])).weight_scale == "mse"
+    assert config_from_args(parser.parse_args([])).weight_scale == QuantConfig().weight_scale
+
+
+def test_mse_weight_scales_stay_bit_exact(tmp_path):
+    """The realized int8 conv with weight_scale="mse" equals the numpy integer model
+    built from the same quantize_weight(..., "mse") weights; the manifest records them."""
+    from conftest import save_model
+    from onnx_builders import BUILDERS, random_inputs, run_onnxruntime
+    from test_quantize_realize import SPEC, _conv_ref, _sqnr, run_vm, vm_for
+
+    from qcompile.frontend import import_onnx
+    from qcompile.quantize import quantize_model
+
+    model = BUILDERS["conv_bn_relu"](0)
+    imported = import_onnx(save_model(model, tmp_path, "conv_bn_relu"))
+    calib = [random_inputs(model, seed=s) for s in range(4)]
+    result = quantize_model(imported, calib, QuantConfig(sqnr=False, progress=False,
+                                                         weight_scale="mse"), SPEC)
+    layer = result.summary["layers"][0]
+    assert layer["weight"]["scale_method"] == "mse"
+    assert result.summary["weights"]["scale"] == "mse"
+    plan_layer = result.plan.layers[0]
+    q_w, s_w = quantize_weight(plan_layer.weight, 0, True, SPEC.reduce_range, "mse")
+    np.testing.assert_array_equal(np.asarray(layer["weight"]["scale"]), s_w)
+
+    feeds = random_inputs(model, seed=11)
+    got = run_vm(vm_for(result.mod), feeds["input"])
+    s_in, zp = np.float32(layer["input"]["scale"]), layer["input"]["zero_point"]
+    q_x = np.clip(np.round(feeds["input"] / s_in) + zp, 0, 255).astype(np.int64)
+    q_xp = np.pad(q_x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=zp)
+    acc = _conv_ref(q_xp, q_w, 1, [0, 0, 0, 0], 1)
+    acc_scale = s_in * s_w
+    bias_q = np.round(plan_layer.bias / acc_scale).astype(np.int64) \
+        - zp * q_w.astype(np.int64).reshape(len(s_w), -1).sum(1)
+    acc = acc + bias_q.reshape(1, -1, 1, 1)
+    want = np.maximum(acc.astype(np.float32) * acc_scale.astype(np.float32).reshape(1, -1, 1, 1),
+                      0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=float(acc_scale.max()) * 1e-3)
+    assert _sqnr(run_onnxruntime(model, feeds)[0], got) > 30
