@@ -88,6 +88,10 @@ class QuantConfig:
     # per-channel weight scale: "minmax" (max|w| / 127) | "mse" (clip ratio in [0.5, 1]
     # of max|w| with the least weight MSE, per channel; realize.quantize_weight)
     weight_scale: str = "minmax"
+    # "nearest" | "gptq": round each weight so the layer OUTPUT error on calibration
+    # inputs is small (quantize/gptq.py); same scales and kernels
+    weight_rounding: str = "nearest"
+    rounding_samples: int = 16        # calibration samples whose inputs feed gptq
     requant: str = "float"            # float (float32 multiply, default) | fixed (int64 m0 >> n)
     sqnr: bool = True                 # per-layer SQNR vs float in the summary
     sqnr_samples: int = 64            # calibration samples used for SQNR
@@ -114,6 +118,9 @@ class QuantConfig:
         if self.weight_scale not in WEIGHT_SCALES:
             raise InputError(f"weight scale must be one of {', '.join(WEIGHT_SCALES)}, got "
                              f"'{self.weight_scale}'")
+        if self.weight_rounding not in ("nearest", "gptq"):
+            raise InputError(f"weight rounding must be nearest or gptq, got "
+                             f"'{self.weight_rounding}'")
         if self.requant not in ("float", "fixed"):
             raise InputError(f"requantize mode must be float or fixed, got '{self.requant}'")
         bad = [o for o in self.ops if o not in ("conv2d", "matmul")]
@@ -218,17 +225,26 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                                             per_channel=config.per_channel)
         plan = build_plan(float_mod, onnx_model, skip=config.skip, ops=config.ops)
         extra = [l.out_var for l in plan.quantized()] if config.sqnr else []
+        rounding_vars = []
+        if config.weight_rounding == "gptq":
+            rounding_vars = list(dict.fromkeys(l.input_var for l in plan.quantized()))
         means = ({l.input_var: (1 if l.kind == "conv2d" else -1) for l in plan.quantized()}
                  if config.bias_correction else None)
         observers, kept = calibrate(float_mod, plan, spec, data, imported.inputs,
                                     lambda: make_observer(config.method, config.percentile,
                                                           config.act_dtype),
-                                    progress=config.progress, extra=extra,
-                                    keep_samples=config.sqnr_samples if config.sqnr else 0,
+                                    progress=config.progress, extra=extra + rounding_vars,
+                                    keep_samples=max(config.sqnr_samples if config.sqnr else 0,
+                                                     config.rounding_samples
+                                                     if rounding_vars else 0),
                                     channel_means=means)
+        if rounding_vars:
+            override = _gptq_weights(plan, kept, extra, rounding_vars, config, reduce_range)
+            if not config.sqnr:
+                kept = []
         if config.bias_correction:
             correct_biases(plan, observers.pop("means"), config.per_channel, reduce_range,
-                           config.weight_scale)
+                           config.weight_scale, weights=override)
         ranges = {var: obs.compute_range() for var, obs in observers.items()}
         qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
     names = tensor_names(plan, float_mod["main"])
@@ -236,6 +252,9 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                             weight_override=override, fake_quant=qdq, requant=config.requant,
                             names=names, weight_scale=config.weight_scale)
 
+    if override is not None and not qdq:  # gptq: computed here, not brought by the model
+        for record in records:
+            record["weight"].update(from_model=False, rounding="gptq")
     weight_bits = sorted({r["weight"]["bits"] for r in records}) or [7 if reduce_range else 8]
     summary = {
         "method": "qdq" if qdq else config.method,
@@ -244,7 +263,8 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                     "per_channel": all(r["weight"]["per_channel"] for r in records)
                     if records else config.per_channel,
                     "bits": max(weight_bits), "reduce_range": reduce_range and not qdq,
-                    "scale": "from the model" if qdq else config.weight_scale},
+                    "scale": "from the model" if qdq else config.weight_scale,
+                    "rounding": "from the model" if qdq else config.weight_rounding},
         "activations": {"dtype": config.act_dtype if not qdq else
                         sorted({p.dtype for p in qparams.values()}),
                         "symmetric": config.act_dtype == "int8" if not qdq else None},
@@ -364,8 +384,38 @@ def _quantize_dynamic(imported, calib, config, spec) -> QuantResult:
     return result
 
 
+def _gptq_weights(plan, kept, extra, rounding_vars, config, reduce_range):
+    """{layer: (q int8, scales)} rounded against the kept calibration inputs, as a
+    ``weight_override`` for realize."""
+    from .gptq import conv_gram, gptq_weight, matmul_gram
+    from .realize import quantize_weight
+
+    first = 1 + len(extra)
+    samples, count = {v: [] for v in rounding_vars}, 0
+    for _feed, valid, arrays in kept:
+        if count >= config.rounding_samples:
+            break
+        for var, array in zip(rounding_vars, arrays[first:]):
+            samples[var].append(np.asarray(array)[:valid])
+        count += valid
+    table = {}
+    qmax = 63 if reduce_range else 127
+    for layer in plan.quantized():
+        axis = 0 if layer.kind == "conv2d" else 1
+        _q, scale = quantize_weight(layer.weight, axis, config.per_channel, reduce_range,
+                                    config.weight_scale)
+        gram = (conv_gram(samples[layer.input_var], layer.weight.shape, layer.call.attrs)
+                if layer.kind == "conv2d" else matmul_gram(samples[layer.input_var]))
+        table[layer.name] = (gptq_weight(layer.weight, scale, gram, layer.kind, qmax), scale)
+
+    def override(layer, _axis):
+        return table.get(layer.name)
+
+    return override
+
+
 def correct_biases(plan, means: dict, per_channel: bool, reduce_range: bool,
-                   weight_scale: str = "minmax") -> None:
+                   weight_scale: str = "minmax", weights=None) -> None:
     """Bias correction: remove the expected output shift caused by weight rounding.
 
     With ``dW = dequantize(quantize(W)) - W`` and the per-channel mean ``E[x]`` of
@@ -380,7 +430,9 @@ def correct_biases(plan, means: dict, per_channel: bool, reduce_range: bool,
         if mean is None:
             continue
         axis = 0 if layer.kind == "conv2d" else 1
-        q_w, s_w = quantize_weight(layer.weight, axis, per_channel, reduce_range, weight_scale)
+        given = weights(layer, axis) if weights is not None else None
+        q_w, s_w = given if given is not None else \
+            quantize_weight(layer.weight, axis, per_channel, reduce_range, weight_scale)
         shape = [1] * layer.weight.ndim
         shape[axis] = len(s_w)
         delta = q_w.astype(np.float64) * s_w.reshape(shape) - layer.weight.astype(np.float64)
