@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", required=True, metavar="DIR",
                       help="artifact directory to write (replaced atomically)")
     _add_quant_options(comp, "int8")
-    comp.add_argument("--tuning-log", metavar="DIR",
-                      help="MetaSchedule database from `qcompile tune` to apply")
+    comp.add_argument("--tuning-log", metavar="DIR", type=_tuning_log_arg,
+                      help="MetaSchedule database from `qcompile tune` to apply; default: "
+                           "the shipped tuning_logs/ where kernels match; 'none': default "
+                           "schedules only")
 
     meas = verbs.add_parser("measure", help="run float and int8 on a device; report latency "
                             "and agreement/accuracy vs float")
@@ -118,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     meas.add_argument("--emulated", action="store_true",
                       help="label timings as emulated (board under qemu)")
     _add_quant_options(meas, "both")
-    meas.add_argument("--tuning-log", metavar="DIR", help="tuning database to apply")
+    meas.add_argument("--tuning-log", metavar="DIR", type=_tuning_log_arg,
+                      help="tuning database to apply (as for compile; 'none': no tuning log)")
 
     tune = verbs.add_parser("tune", help="autotune the model's kernels with MetaSchedule "
                             "(XGBoost cost model) into a reusable tuning log")
@@ -165,6 +168,11 @@ def _calibration(args, imported):
     except ImportError:
         return args.calib
     return load_calibration(args.calib, imported.inputs)
+
+
+def _tuning_log_arg(value: str):
+    """``--tuning-log none`` turns the shipped logs off (compile_model's ``False``)."""
+    return False if value.lower() == "none" else value
 
 
 def cmd_compile(args) -> int:

@@ -130,3 +130,26 @@ def test_measure_dead_rpc_address_fails_fast(tmp_path, bundled_model, capsys):
     assert time.perf_counter() - started < 60
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
     assert get_target("host")  # nothing else broke
+
+
+def test_tuning_log_none_turns_the_shipped_logs_off(monkeypatch, tmp_path, bundled_model):
+    """`--tuning-log none` reaches compile_model as False (no shipped logs either), a
+    directory reaches it as given, and no flag leaves the shipped-log default (None)."""
+    from qcompile import build
+    from qcompile.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["compile", "m.onnx", "-o", "o", "--tuning-log", "none"]).tuning_log is False
+    assert parse(["measure", "m.onnx", "--tuning-log", "NONE"]).tuning_log is False
+    assert parse(["compile", "m.onnx", "-o", "o", "--tuning-log", "logs/x"]).tuning_log == "logs/x"
+    assert parse(["compile", "m.onnx", "-o", "o"]).tuning_log is None
+
+    seen = []
+    real = build._tuning_database
+    monkeypatch.setattr(build, "_tuning_database",
+                        lambda mod, spec, log, say: seen.append(log) or real(mod, spec, log, say))
+    out = tmp_path / "a"
+    assert main(["compile", str(bundled_model), "--target", "x86_64-avx2", "-o", str(out),
+                 "--quantize", "none", "--tuning-log", "none"]) == 0
+    assert seen == [False]
+    assert json.loads((out / "manifest.json").read_text())["tuning"] == {"log": None}
