@@ -244,29 +244,6 @@ def apply_i8mm_rule(func, target):
 def apply_arm_i8mm_schedules(target):
     """Module pass: smmla schedules for the i8mm-packed kernels; everything else is left
     to the CPU rules that run after it."""
-    import os
+    from .intrin import rule_module_pass
 
-    import tvm
-    from tvm import tirx
-
-    @tvm.transform.module_pass(opt_level=0, name="qcompile.ApplyARMI8MMSchedules")
-    def _pass(mod, _ctx):
-        updates = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc):
-                continue
-            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
-                continue
-            try:
-                sch = apply_i8mm_rule(func, target)
-            except Exception:  # noqa: BLE001 - left to the CPU rules (generic int8)
-                if os.environ.get("QCOMPILE_SCHEDULE_DEBUG"):
-                    raise
-                sch = None
-            if sch is not None:
-                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
-
-    return _pass
+    return rule_module_pass("qcompile.ApplyARMI8MMSchedules", apply_i8mm_rule, target)

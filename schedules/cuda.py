@@ -179,33 +179,14 @@ def _bind_rest(sch):
 
 
 def apply_cuda_int8_schedules(target):
-    """Module pass: dp4a schedules for the packed int8 kernels (others left to dlight)."""
-    import os
+    """Module pass: tensor-core (sm_72+) or dp4a schedules for the packed int8 kernels
+    (others left to dlight)."""
+    from .intrin import rule_module_pass
 
-    import tvm
-    from tvm import tirx
+    def rule(func, tgt):
+        return apply_mma_rule(func, tgt) or apply_dp4a_rule(func, tgt)
 
-    @tvm.transform.module_pass(opt_level=0, name="qcompile.ApplyCUDAInt8Schedules")
-    def _pass(mod, _ctx):
-        updates = {}
-        for gv, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc):
-                continue
-            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
-                continue
-            try:
-                sch = apply_mma_rule(func, target) or apply_dp4a_rule(func, target)
-            except Exception:  # noqa: BLE001 - leave it to dlight
-                if os.environ.get("QCOMPILE_SCHEDULE_DEBUG"):
-                    raise
-                sch = None
-            if sch is not None:
-                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
-
-    return _pass
+    return rule_module_pass("qcompile.ApplyCUDAInt8Schedules", rule, target)
 
 
 # --------------------------------------------------------------------------- s8 tensor cores

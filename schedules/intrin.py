@@ -78,3 +78,35 @@ def get_intrin(name: str, portable: bool = False, scope: str = "local") -> str:
     reg = f"qcompile_{'portable_' if portable else ''}{name.replace('-', '_')}_{scope}"
     TensorIntrin.register(reg, desc, impl, override=True)
     return reg
+
+
+def rule_module_pass(name: str, rule, target):
+    """A module pass that schedules every not-yet-scheduled PrimFunc with
+    ``rule(func, target) -> Schedule | None``; a rule that raises leaves the kernel to
+    the passes after it (``QCOMPILE_SCHEDULE_DEBUG=1`` re-raises, to debug a rule)."""
+    import os
+
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and "tirx.is_scheduled" in func.attrs:
+                continue
+            try:
+                sch = rule(func, target)
+            except Exception:  # noqa: BLE001 - the next passes schedule it generically
+                if os.environ.get("QCOMPILE_SCHEDULE_DEBUG"):
+                    raise
+                sch = None
+            if sch is not None:
+                updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
