@@ -13,7 +13,6 @@ below instead (``apply_mma_rule``).
 from __future__ import annotations
 
 import functools
-import os
 
 from tvm import s_tir
 
