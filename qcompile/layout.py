@@ -242,12 +242,20 @@ def conv2d_packed_int8(x, wp, comp, out_channels, stride, pad, dil, lanes, shift
         attrs={KERNEL_ATTR: "conv2d_packed_int8", INTRIN_ATTR: intrin, LANES_ATTR: lanes})
     if comp is None and op == out_channels:
         return conv
-    if comp is None:
-        return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: conv[b, o, i, j],
-                          name="conv2d_slice")
-    return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: conv[b, o, i, j] - comp[o],
-                      name="conv2d_shift_comp")
+    return _conv_output(conv, comp, (n, out_channels, oh, ow))
 
+
+
+def _conv_output(conv, comp, shape):
+    """The packed conv's [N, O, OH, OW] result: padded channels/columns cut off and, for
+    uint8 activations fed to s8 x s8 instructions, the zero-point compensation
+    ``comp[o]`` subtracted."""
+    from tvm import te
+
+    if comp is None:
+        return te.compute(shape, lambda b, o, i, j: conv[b, o, i, j], name="conv2d_slice")
+    return te.compute(shape, lambda b, o, i, j: conv[b, o, i, j] - comp[o],
+                      name="conv2d_shift_comp")
 
 def conv2d_spatial(x, wt, stride, pad, dil, groups, out_dtype):
     """NCHW grouped / depthwise conv2d with OIHW weights, vectorized over width."""
@@ -458,11 +466,7 @@ def conv2d_packed_i8mm(x, wp, comp, out_channels, stride, pad, dil, shift, act_d
         attrs={KERNEL_ATTR: "conv2d_packed_i8mm", INTRIN_ATTR: intrin, LANES_ATTR: I8MM_LANES})
     if comp is None and ob * I8MM_LANES == out_channels and owp == ow:
         return conv
-    if comp is None:
-        return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: conv[b, o, i, j],
-                          name="conv2d_slice")
-    return te.compute((n, out_channels, oh, ow), lambda b, o, i, j: conv[b, o, i, j] - comp[o],
-                      name="conv2d_shift_comp")
+    return _conv_output(conv, comp, (n, out_channels, oh, ow))
 
 
 def matmul_packed_i8mm(a, bp, comp, n_out, shift, act_dtype, intrin):
