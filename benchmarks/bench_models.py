@@ -231,10 +231,10 @@ def _ov_request(path, threads):
     return compiled.create_infer_request(), int8_layers
 
 
-def _qc_build(model, name, int8: bool, target_name: str):
-    """Compile with qcompile; returns (run_fn, compile_seconds) or raises."""
-    import tvm
-    from tvm import relax
+def qc_executable(model, name, int8: bool, target_name: str):
+    """qcompile's executable of ``model`` (float, or int8 calibrated on 8 noisy copies of
+    the benchmark input) and the compile seconds; shared with profile_kernels.py."""
+    import onnx
 
     from qcompile.frontend import import_onnx
     from qcompile.pipeline import compile_relax
@@ -244,8 +244,6 @@ def _qc_build(model, name, int8: bool, target_name: str):
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"{name}.onnx"
-        import onnx
-
         onnx.save(model, str(path))
         imported = import_onnx(str(path))
         mod = imported.mod
@@ -255,7 +253,15 @@ def _qc_build(model, name, int8: bool, target_name: str):
                       .astype(np.float32)} for i in range(8)]
             mod = _quantize(imported, calib, spec)
         ex = compile_relax(mod, spec)
-    secs = time.perf_counter() - t0
+    return ex, time.perf_counter() - t0
+
+
+def _qc_build(model, name, int8: bool, target_name: str):
+    """Compile with qcompile; returns (run_fn, compile_seconds) or raises."""
+    import tvm
+    from tvm import relax
+
+    ex, secs = qc_executable(model, name, int8, target_name)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     _, x = _input_of(model)
     arg = tvm.runtime.tensor(x)

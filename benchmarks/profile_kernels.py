@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,29 +34,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def _compile(model_name: str, int8: bool, target_name: str):
     """(executable, input array, compile seconds) for a bench_models model."""
-    import numpy as np
-    import onnx
-
     import bench_models as bm
-    from qcompile.frontend import import_onnx
-    from qcompile.pipeline import compile_relax
-    from qcompile.target import get_target
 
     model = bm.MODELS[model_name]()
-    spec = get_target(target_name)
-    iname, x = bm._input_of(model)
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / f"{model_name}.onnx"
-        onnx.save(model, str(path))
-        imported = import_onnx(str(path))
-        mod = imported.mod
-        if int8:
-            calib = [{iname: (x + 0.1 * np.random.default_rng(i).standard_normal(x.shape))
-                      .astype(np.float32)} for i in range(8)]
-            mod = bm._quantize(imported, calib, spec)
-        ex = compile_relax(mod, spec)
-    return ex, x, time.perf_counter() - t0
+    ex, secs = bm.qc_executable(model, model_name, int8, target_name)
+    return ex, bm._input_of(model)[1], secs
 
 
 def _record_calls(vm, arg, runs: int = 5):
