@@ -446,6 +446,7 @@ def load_database(log_dir, spec=None, *, with_report: bool = False):
     :class:`DatabaseReport` list.
     """
     dirs = [log_dir] if isinstance(log_dir, (str, os.PathLike)) else list(log_dir)
+    register_schedule_intrinsics()  # records from qcompile's space tensorize with these
     if spec is not None:
         from .target import get_target
 
@@ -901,7 +902,7 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
          builder_workers: int | None = None, builder_timeout_s: float = 120.0,
          run_timeout_s: float = 30.0, session_timeout_s: int = 60, run_retries: int = 2,
          population: int = 256, baseline: bool = True, min_share: float = 0.03,
-         seed: int | None = None,
+         seed: int | None = None, space: str = "qcompile",
          stream=None) -> TuneSummary:
     """Tune ``mod`` (a Relax IRModule) for ``spec`` into the MetaSchedule database ``log_dir``.
 
@@ -917,6 +918,10 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
     taking under ``min_share`` of the default end-to-end time are not tuned.
     ``population``: the evolutionary search's population (smaller is faster
     per batch, searches less). ``trials_per_iter``: candidates per batch.
+    ``space``: the design space of qcompile's packed kernels (:func:`design_space`):
+    ``"qcompile"`` (the default schedules with their choices as sampled decisions),
+    ``"generic"`` (MetaSchedule's own), ``"union"`` (both); other kernels always get
+    MetaSchedule's own.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -1020,9 +1025,14 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
     loggers = _configure_ms_logging(log_dir, task_names)
     seeds = ms.utils.fork_seed(seed, n=len(tasks))
     contexts = []
-    for task, logger, rs in zip(tasks, loggers, seeds):
+    spaces = [design_space(task, target, space) for task in tasks]
+    n_ours = sum(1 for sp in spaces if not isinstance(sp, str))
+    if n_ours:
+        say(f"[tune] {n_ours} kernel(s) searched from qcompile's default schedules "
+            f"(space '{space}'), {len(tasks) - n_ours} in MetaSchedule's generic space")
+    for task, logger, rs, sp in zip(tasks, loggers, seeds, spaces):
         contexts.append(ms.TuneContext(
-            mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+            mod=task.dispatched[0], target=task.target, space_generator=sp,
             search_strategy=ms.search_strategy.EvolutionarySearch(
                 population_size=population, init_min_unmeasured=min(50, population // 2)),
             task_name=task.task_name, logger=logger,
@@ -1209,6 +1219,75 @@ def verify(mod, spec, log_dir, *, progress: bool = True, stream=None) -> dict:
     say(f"[tune] {len(wins)} of {len(res['kernels'])} kernel(s) faster with their best record "
         "than with the default schedule, timed in the model; compile applies only those")
     return res
+
+
+SPACES = ("qcompile", "generic", "union")
+
+
+def design_space(task, target, space: str = "qcompile"):
+    """The MetaSchedule space generator for ``task``.
+
+    A qcompile packed kernel (the default rule ``schedules.cpu`` applies) gets
+    ``ScheduleFn(schedules.cpu.tunable_spaces)``: the default schedule replayed with its
+    tile sizes as ``sample_perfect_tile`` decisions (the heuristic's value decided) plus
+    its structural variants (loop order, two channel vectors, parallel or not), so the
+    initial population re-draws those tiles and MutateTileSize mutates them; no schedule
+    rules or postprocessors on top (the rule already tensorizes, vectorizes, unrolls).
+    ``"union"`` adds MetaSchedule's generic space; anything else is ``"post-order-apply"``.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompile.schedules import cpu
+
+    if space not in SPACES:
+        raise TuningError(f"unknown design space {space!r}: one of {', '.join(SPACES)}")
+    if space == "generic" or "cuda" in str(target.kind.name):
+        return "post-order-apply"
+    register_schedule_intrinsics()
+    cpu.allow_vector_nearbyint()
+    try:
+        with target:
+            ours = cpu.tunable_spaces(__import__("tvm").s_tir.Schedule(task.dispatched[0]),
+                                      target)
+    except Exception as exc:  # noqa: BLE001 - not ours: MetaSchedule's space
+        _log.info("no qcompile space for %s: %s", task.task_name, exc)
+        ours = []
+    if not ours:
+        return "post-order-apply"
+    fn = ms.space_generator.ScheduleFn(
+        functools.partial(_qcompile_space_fn, target=target), sch_rules=[], postprocs=[],
+        mutator_probs={ms.mutator.MutateTileSize(): 1.0})
+    if space == "union":
+        return ms.space_generator.SpaceGeneratorUnion(
+            [fn, ms.space_generator.PostOrderApply()])
+    return fn
+
+
+def _qcompile_space_fn(sch, target):
+    from qcompile.schedules import cpu
+
+    with target:
+        return cpu.tunable_spaces(sch, target)
+
+
+def register_schedule_intrinsics() -> None:
+    """Register the tensor intrinsics qcompile's CPU schedules tensorize with, so that a
+    tuning record whose trace names one replays (MetaScheduleApplyDatabase in compile,
+    the search in ``tune``) before any default schedule has registered it."""
+    from qcompile.schedules import cpu, intrin, x86
+
+    for family in ("avx512-vnni", "avx2-vpmaddubsw", "arm-sdot"):
+        for portable in (False, True):
+            try:
+                intrin.get_intrin(family, portable=portable, scope=cpu.ACC_SCOPE)
+            except Exception:  # noqa: BLE001 - a family this TVM build cannot express
+                pass
+    for family, lanes in (("avx512-vnni", 16), ("avx512-vnni", 8), ("avx2-vpmaddubsw", 8)):
+        for name in (family, "portable-" + family):
+            try:
+                x86.get_pixel_intrin(name, lanes, cpu.ACC_SCOPE)
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def _default_scheduled(task, spec, target):

@@ -34,6 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also write the run summary as JSON")
     group.add_argument("--quiet-tuning", action="store_true",
                        help="no per-batch progress lines on stderr")
+    group.add_argument("--space", default="qcompile", choices=("qcompile", "generic", "union"),
+                       help="design space of qcompile's conv/matmul kernels: 'qcompile' "
+                            "(default: the default schedules with their tile sizes and "
+                            "loop-order variants as tunable decisions), 'generic' "
+                            "(MetaSchedule's own), 'union' (both)")
     group.add_argument("--verify", action="store_true",
                        help="do not tune: re-time the best record of each kernel against "
                             "its default schedule inside the compiled model and update "
@@ -66,7 +71,8 @@ def run(args, mod, spec, model_name: str) -> int:
     summary = tune(mod, spec, log_dir, trials=args.trials, budget_minutes=args.budget_minutes,
                    rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
                    progress=not getattr(args, "quiet_tuning", False), model_name=model_name,
-                   trials_per_iter=getattr(args, "trials_per_batch", None))
+                   trials_per_iter=getattr(args, "trials_per_batch", None),
+                   space=getattr(args, "space", "qcompile"))
     print(summary.message)
     if summary.measured:
         print(f"tuning log: {summary.log_dir}  (use: qcompile compile ... --tuning-log "

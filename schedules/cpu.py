@@ -72,7 +72,7 @@ def _work(sch, block) -> int:
 
 def _parallel(sch, block, loops):
     """Fuse ``loops`` and run them in parallel when ``block``'s nest is big enough."""
-    if _work(sch, block) < MIN_PARALLEL_WORK:
+    if not _OVERRIDES.get("parallel", _work(sch, block) >= MIN_PARALLEL_WORK):
         return
     sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
@@ -82,6 +82,92 @@ def _tile_w_max(vec_width: int) -> int:
         return TILE_W_MAX
     return 16 if vec_width >= 16 else 8
 
+
+
+# --------------------------------------------------------------------------- tunable decisions
+# Default compile: each choice below is the heuristic's value as a plain int (no sampling
+# instruction in the trace). Inside ``tunable()`` (the design space ``qcompile tune``
+# searches) each becomes a sampling instruction whose decision is the heuristic's value:
+# tile splits are ``sample_perfect_tile`` (exact tiles only, as tensorize needs; mutated by
+# MetaSchedule's MutateTileSize), other counts ``sample_categorical`` (re-drawn for the
+# initial population, the heuristic's value drawn with probability HEURISTIC_PROB).
+_TUNABLE = False
+_OVERRIDES: dict = {}
+HEURISTIC_PROB = 0.5
+
+
+def _split_tile(sch, loop, inner: int, max_inner: int):
+    """``sch.split(loop, [None, inner])``; tunable: the inner factor is a sampled tile."""
+    ext = _extent(sch, loop)
+    if not _TUNABLE or ext is None or ext < 2 or ext % inner:
+        return sch.split(loop, [None, inner])
+    factors = sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(max_inner, inner),
+                                      decision=[ext // inner, inner])
+    return sch.split(loop, factors)
+
+
+def _choice(sch, candidates, default: int):
+    """``default``; tunable: a categorical sample over ``candidates`` deciding ``default``."""
+    cands = sorted(set(candidates) | {default})
+    if not _TUNABLE or len(cands) < 2:
+        return default
+    idx = cands.index(default)
+    rest = (1.0 - HEURISTIC_PROB) / (len(cands) - 1)
+    probs = [HEURISTIC_PROB if k == idx else rest for k in range(len(cands))]
+    return sch.sample_categorical(cands, probs, decision=idx)
+
+
+class tunable:  # noqa: N801 - used as a context manager, like a function
+    """Context: the schedule rules emit their choices as sampling instructions;
+    ``overrides`` forces structural choices (``rows_outer``, ``int8_pixels``)."""
+
+    def __init__(self, overrides: dict | None = None):
+        self.overrides = dict(overrides or {})
+
+    def __enter__(self):
+        global _TUNABLE, _OVERRIDES
+        self._saved = (_TUNABLE, _OVERRIDES)
+        _TUNABLE, _OVERRIDES = True, self.overrides
+        return self
+
+    def __exit__(self, *exc):
+        global _TUNABLE, _OVERRIDES
+        _TUNABLE, _OVERRIDES = self._saved
+        return False
+
+
+# Structural variants of a packed kernel, each its own design space (a Python branch is
+# not replayable from a trace, so it cannot be a sampled decision).
+STRUCTURAL_VARIANTS = tuple(
+    dict(base, **extra)
+    for base in ({}, {"rows_outer": True}, {"rows_outer": False}, {"int8_pixels": False},
+                 {"int8_oc_vecs": True}, {"taps_outer": True},
+                 {"int8_oc_vecs": True, "taps_outer": True})
+    for extra in ({}, {"parallel": True}, {"parallel": False}))
+
+
+def tunable_spaces(sch, target) -> list:
+    """MetaSchedule design spaces for a qcompile packed kernel (``ScheduleFn``): the
+    default schedule with its choices as sampling instructions (decisions = the
+    heuristic's), plus its structural variants; [] when ``sch`` is no packed kernel."""
+    from tvm_ffi import structural_equal
+
+    out = []
+    for overrides in STRUCTURAL_VARIANTS:
+        work = sch.copy()
+        try:
+            with tunable(overrides):
+                res = _apply_packed(work, target)
+        except Exception:  # noqa: BLE001 - a variant that does not fit this kernel
+            if os.environ.get("QCOMPILE_SCHEDULE_DEBUG"):
+                raise
+            continue
+        if res is None:
+            continue
+        if any(structural_equal(res.mod, o.mod) for o in out):
+            continue
+        out.append(res)
+    return out
 
 
 # --------------------------------------------------------------------------- helpers
@@ -331,6 +417,8 @@ ROWS_OUTER_MIN_INPUT = 512 * 1024
 def _rows_outer(sch, block, in_rank: int, w_rank: int) -> bool:
     """1x1 convs with a large input only: a 3x3 got slower (2.0 -> 2.75 ms, 64 ch at
     56x56: its weights no longer stay in L1)."""
+    if "rows_outer" in _OVERRIDES:  # a structural variant of the tuning space
+        return bool(_OVERRIDES["rows_outer"])
     if not ROWS_OUTER:
         return False
     ivs = sch.get(block).iter_vars
@@ -403,9 +491,11 @@ def schedule_conv2d_int8_pixels(sch, block, px_lanes: int, intrin: str, vec_widt
     b, o, i, j, rc, rh, rw, r4 = sch.get_loops(block)
     ow = _extent(sch, j)
     budget = PIXEL_ACC_BUDGET[16 if vec_width >= 16 else 8]
-    nv, ch = _pixel_tile(ow // px_lanes, budget)
-    oo, oc = sch.split(o, [None, ch])
-    jo, jn, jv = sch.split(j, [None, nv, px_lanes])
+    n_vec = ow // px_lanes
+    nv, ch = _pixel_tile(n_vec, budget)
+    oo, oc = _split_tile(sch, o, ch, 16)
+    nv_choice = _choice(sch, [d for d in range(1, min(n_vec, budget) + 1) if n_vec % d == 0], nv)
+    jo, jn, jv = sch.split(j, [None, nv_choice, px_lanes])
     outer = _outer(b, oo, i, _rows_outer(sch, block, 5, 6))
     sch.reorder(*outer, jo, rc, rh, rw, oc, jn, jv, r4)
     sch.annotate(jo, TILE_ATTR, "int8_pixels")
@@ -471,7 +561,7 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
         # 1x1 only: there the transposing write-back dominates; 3x3 measured slower
         if px and one_by_one and _width_stride(sch, block, 4) == 1:
             return schedule_conv2d_float_pixels(sch, block, px, vec_width)
-    if is_int8 and INT8_PIXEL_TILES:
+    if is_int8 and _OVERRIDES.get("int8_pixels", INT8_PIXEL_TILES):
         from .x86 import pixel_lanes
 
         loops = sch.get_loops(block)
@@ -496,22 +586,31 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     n_oc = _extent(sch, o)
     oo, oi = sch.split(o, [None, lanes])
     if is_int8:
-        n_vec = 1
+        n_vec = 2 if _OVERRIDES.get("int8_oc_vecs") else 1
     elif vec_width >= 16:
         n_vec = FLOAT_OC_VECS if ow <= 28 else 1
     else:
         n_vec = FLOAT_OC_VECS_AVX2
     if n_vec > 1 and (n_oc // lanes) % n_vec == 0:
         # two channel vectors per tile: each input broadcast feeds two FMAs
-        tw = _pick_tile(ow, 4, 12 if vec_width >= 16 else AVX2_TW_2VEC)
-        oo, ov = sch.split(oo, [None, n_vec])
+        if is_int8:  # exact tiles (tensorize), half the pixels for twice the channels
+            tw = max(d for d in range(1, max(1, tw // 2) + 1) if ow % d == 0)
+            oo, ov = _split_tile(sch, oo, n_vec, 4)
+        else:
+            tw = _pick_tile(ow, 4, 12 if vec_width >= 16 else AVX2_TW_2VEC)
+            oo, ov = sch.split(oo, [None, n_vec])
     else:
         ov = None
-    jo, ji = sch.split(j, [None, tw])
+    # int8: tw divides the row, so the tuning space may pick any other exact tile
+    jo, ji = _split_tile(sch, j, tw, 16) if is_int8 else sch.split(j, [None, tw])
     outer = _outer(b, oo, i, _rows_outer(sch, block, 5, 6) if is_int8
                    else _rows_outer(sch, block, 4, 5))
-    if is_int8:
-        sch.reorder(*outer, jo, rc, rh, rw, ji, oi, r4)
+    red = [rh, rw, rc] if _OVERRIDES.get("taps_outer") else [rc, rh, rw]
+    if is_int8 and ov is not None:
+        sch.reorder(*outer, jo, *red, ji, ov, oi, r4)
+        sch.unroll(ov)
+    elif is_int8:
+        sch.reorder(*outer, jo, *red, ji, oi, r4)
     elif ov is not None:
         sch.reorder(*outer, jo, rc, rh, rw, ji, ov, oi)
         sch.unroll(ov)
@@ -531,7 +630,7 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
             sch.reorder(wl[3], wl[1])
             sch.vectorize(wl[1])
     _parallel(sch, block, outer)
-    _finish_inner(sch, block, ji, oi, r4 if is_int8 else None, intrin, lanes, rc)
+    _finish_inner(sch, block, ji, oi, r4 if is_int8 else None, intrin, lanes, red[0])
 
 
 # Depthwise: vector over output pixels (a row of one channel) for outputs at least this
@@ -677,7 +776,7 @@ def schedule_matmul_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     tm = _pick_tile(m, 2, 6) if m > 1 else 1
     if is_int8 and m % tm:
         tm = max(d for d in range(1, tm + 1) if m % d == 0)  # exact tile for tensorize
-    io, ii = sch.split(i, [None, tm])
+    io, ii = _split_tile(sch, i, tm, 8) if is_int8 else sch.split(i, [None, tm])
     jo, ji = sch.split(j, [None, lanes])
     if is_int8:
         sch.reorder(io, jo, rk, ii, ji, r4)
@@ -715,7 +814,11 @@ def schedule_conv2d_spatial(sch, block, vec_width: int, acc_width: int):
 
 def apply_packed_rule(func, target):
     """Schedule a qcompile packed kernel; None when ``func`` holds none."""
-    sch = s_tir.Schedule(func)
+    return _apply_packed(s_tir.Schedule(func), target)
+
+
+def _apply_packed(sch, target):
+    """The packed rule on ``sch`` (in place, recorded in its trace); None: not a packed kernel."""
     block, kind = _find_annotated(sch)
     if block is None:
         return None
@@ -729,12 +832,13 @@ def apply_packed_rule(func, target):
     elif kind == "conv2d_dw_packed":
         ok = False
         if DW_PIXEL_TILES:
+            fresh = sch.copy()
             try:
                 ok = schedule_conv2d_dw_pixels(sch, block, vec)
             except Exception:  # noqa: BLE001 - start over with the channel-vector kernel
                 if os.environ.get("QCOMPILE_SCHEDULE_DEBUG"):
                     raise
-                sch = s_tir.Schedule(func)
+                sch = fresh
                 block, _ = _find_annotated(sch)
         if not ok:
             schedule_conv2d_dw_packed(sch, block, lanes, vec)
