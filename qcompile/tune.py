@@ -1252,7 +1252,9 @@ def design_space(task, target, space: str = "qcompile"):
     except Exception as exc:  # noqa: BLE001 - not ours: MetaSchedule's space
         _log.info("no qcompile space for %s: %s", task.task_name, exc)
         ours = []
-    if not ours:
+    if not any(inst.kind.name.startswith("Sample") for sch in ours for inst in sch.trace.insts):
+        # nothing to vary but the structural variants (a batch-1 matmul): a handful of
+        # candidates would end the task after one batch; MetaSchedule's space searches on
         return "post-order-apply"
     fn = ms.space_generator.ScheduleFn(
         functools.partial(_qcompile_space_fn, target=target), sch_rules=[], postprocs=[],

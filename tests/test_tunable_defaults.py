@@ -119,3 +119,22 @@ def test_record_from_the_space_applies_in_compile_bit_identical(int8_model, tmp_
         vm = relax.VirtualMachine(ex, tvm.cpu())
         outs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_design_space_per_kernel(int8_model):
+    from tvm.s_tir import meta_schedule as ms
+
+    from qcompile.errors import TuningError
+    from qcompile.tune import design_space, extract_tasks
+
+    mod, spec, conv_tasks = int8_model
+    target = spec.tvm_target()
+    for task in conv_tasks:
+        assert isinstance(design_space(task, target), ms.space_generator.ScheduleFn)
+        assert design_space(task, target, "generic") == "post-order-apply"
+        assert isinstance(design_space(task, target, "union"),
+                          ms.space_generator.SpaceGeneratorUnion)
+    others = [t for t in extract_tasks(mod, spec) if "max_pool2d" in t.task_name]
+    assert others and all(design_space(t, target) == "post-order-apply" for t in others)
+    with pytest.raises(TuningError, match="unknown design space"):
+        design_space(conv_tasks[0], target, "mine")
