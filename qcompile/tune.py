@@ -446,11 +446,17 @@ def load_database(log_dir, spec=None, *, with_report: bool = False):
     :class:`DatabaseReport` list.
     """
     dirs = [log_dir] if isinstance(log_dir, (str, os.PathLike)) else list(log_dir)
-    register_schedule_intrinsics()  # records from qcompile's space tensorize with these
-    if spec is not None:
-        from .target import get_target
+    from .target import get_target
 
+    if spec is not None:
         spec = get_target(spec)
+    # records from qcompile's design space tensorize with these
+    for target_name in ({spec.name} if spec is not None else
+                        {_meta(Path(d)).get("target") for d in dirs} - {None}):
+        try:
+            register_schedule_intrinsics(get_target(target_name).int8_intrinsic)
+        except Exception as exc:  # noqa: BLE001 - an unknown target: records of it drop out
+            _log.info("no schedule intrinsics for %s: %s", target_name, exc)
     reports = []
     merged = None
     for d in dirs:
@@ -1243,7 +1249,6 @@ def design_space(task, target, space: str = "qcompile"):
         raise TuningError(f"unknown design space {space!r}: one of {', '.join(SPACES)}")
     if space == "generic" or "cuda" in str(target.kind.name):
         return "post-order-apply"
-    register_schedule_intrinsics()
     cpu.allow_vector_nearbyint()
     try:
         with target:
@@ -1272,24 +1277,19 @@ def _qcompile_space_fn(sch, target):
         return cpu.tunable_spaces(sch, target)
 
 
-def register_schedule_intrinsics() -> None:
-    """Register the tensor intrinsics qcompile's CPU schedules tensorize with, so that a
-    tuning record whose trace names one replays (MetaScheduleApplyDatabase in compile,
-    the search in ``tune``) before any default schedule has registered it."""
+def register_schedule_intrinsics(family: str) -> None:
+    """Register the tensor intrinsics qcompile's CPU schedules tensorize with for the
+    int8 ``family`` (a target's ``int8_intrinsic``), so that a tuning record whose trace
+    names one replays in compile (MetaScheduleApplyDatabase) before any default schedule
+    has registered it. Only the target's own: each costs a TVMScript parse."""
     from qcompile.schedules import cpu, intrin, x86
 
-    for family in ("avx512-vnni", "avx2-vpmaddubsw", "arm-sdot"):
-        for portable in (False, True):
-            try:
-                intrin.get_intrin(family, portable=portable, scope=cpu.ACC_SCOPE)
-            except Exception:  # noqa: BLE001 - a family this TVM build cannot express
-                pass
-    for family, lanes in (("avx512-vnni", 16), ("avx512-vnni", 8), ("avx2-vpmaddubsw", 8)):
-        for name in (family, "portable-" + family):
-            try:
-                x86.get_pixel_intrin(name, lanes, cpu.ACC_SCOPE)
-            except Exception:  # noqa: BLE001
-                pass
+    base = family.removeprefix("portable-")
+    if base in intrin.LANES:
+        intrin.get_intrin(base, portable=family.startswith("portable-"), scope=cpu.ACC_SCOPE)
+    if base in x86.PIXEL_FAMILIES:
+        for lanes in ((16, 8) if base == "avx512-vnni" else (8,)):
+            x86.get_pixel_intrin(family, lanes, cpu.ACC_SCOPE)
 
 
 def _default_scheduled(task, spec, target):

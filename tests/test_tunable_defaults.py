@@ -96,7 +96,7 @@ def test_record_from_the_space_applies_in_compile_bit_identical(int8_model, tmp_
     from qcompile.tune import coverage_detail, register_schedule_intrinsics
 
     mod, spec, tasks = int8_model
-    register_schedule_intrinsics()
+    register_schedule_intrinsics(spec.int8_intrinsic)
     target = spec.tvm_target()
     db = ms.database.JSONDatabase(work_dir=str(tmp_path), module_equality="structural")
     for task in tasks:
