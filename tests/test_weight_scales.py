@@ -93,6 +93,10 @@ def test_cli_flag_reaches_the_config():
     add_arguments(parser)
     assert config_from_args(parser.parse_args(["--weight-scale", "mse"])).weight_scale == "mse"
     assert config_from_args(parser.parse_args([])).weight_scale == QuantConfig().weight_scale
+    args = parser.parse_args(["--weight-rounding", "nearest"])
+    assert config_from_args(args).weight_rounding == "nearest"
+    assert config_from_args(parser.parse_args([])).weight_rounding == \
+        QuantConfig().weight_rounding
 
 
 def test_mse_weight_scales_stay_bit_exact(tmp_path):
@@ -109,7 +113,8 @@ def test_mse_weight_scales_stay_bit_exact(tmp_path):
     imported = import_onnx(save_model(model, tmp_path, "conv_bn_relu"))
     calib = [random_inputs(model, seed=s) for s in range(4)]
     result = quantize_model(imported, calib, QuantConfig(sqnr=False, progress=False,
-                                                         weight_scale="mse"), SPEC)
+                                                         weight_scale="mse",
+                                                         weight_rounding="nearest"), SPEC)
     layer = result.summary["layers"][0]
     assert layer["weight"]["scale_method"] == "mse"
     assert result.summary["weights"]["scale"] == "mse"
@@ -190,6 +195,7 @@ def test_gptq_option_end_to_end(tmp_path):
         got[rounding] = run_vm(vm_for(result.mod), feeds["input"])
         if rounding == "gptq":
             assert all(r["weight"].get("rounding") == "gptq" and not r["weight"]["from_model"]
+                       and r["weight"]["scale_method"] == "minmax"
                        for r in result.summary["layers"] if r["int8"])
     assert _sqnr(ref, got["gptq"]) > 25
     assert not np.array_equal(got["gptq"], got["nearest"])  # the option really acts

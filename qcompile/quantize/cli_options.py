@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="per-channel weight scale: minmax (max|w| / 127, nothing "
                             "clipped) or mse (the clip ratio in [0.5, 1] of max|w| with the "
                             "least weight quantization error, per channel)")
-    group.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="nearest",
+    group.add_argument("--weight-rounding", choices=("nearest", "gptq"), default="gptq",
                        help="nearest, or gptq: round weights so each layer's output error "
                             "on calibration inputs is small (same scales and kernels)")
     group.add_argument("--no-progress", action="store_true",
@@ -103,7 +103,7 @@ def config_from_args(args: argparse.Namespace, spec=None):
         eval_data=getattr(args, "accuracy_data", None),
         requant=getattr(args, "requant", "float"),
         weight_scale=getattr(args, "weight_scale", "minmax"),
-        weight_rounding=getattr(args, "weight_rounding", "nearest"),
+        weight_rounding=getattr(args, "weight_rounding", "gptq"),
         dynamic=getattr(args, "dynamic", False),
         bias_correction=getattr(args, "bias_correction", True),
         equalize=getattr(args, "equalize", None),
