@@ -19,6 +19,8 @@ import numpy as np
 # damping added to H's diagonal (fraction of its mean): keeps the inverse stable when
 # inputs are correlated or dead (ReLU6 channels that never fire)
 DAMP = 0.01
+# columns rounded between two matrix-product updates of the rest of the row
+BLOCK = 128
 
 
 def conv_gram(samples, weight_shape, attrs) -> np.ndarray:
@@ -42,7 +44,7 @@ def conv_gram(samples, weight_shape, attrs) -> np.ndarray:
         cols = np.stack(taps, -1).reshape(n, groups, cg, oh * ow, kh * kw)
         cols = cols.transpose(1, 0, 3, 2, 4).reshape(groups, n * oh * ow, cg * kh * kw)
         cols = cols.astype(np.float64)
-        gram += np.einsum("gmk,gml->gkl", cols, cols)
+        gram += np.matmul(cols.transpose(0, 2, 1), cols)  # BLAS; einsum here is a C loop
     return gram
 
 
@@ -71,10 +73,19 @@ def round_with_compensation(rows: np.ndarray, scale: np.ndarray, gram: np.ndarra
         return np.clip(np.round(rows / scale[:, None]), -qmax, qmax)
     work = rows.astype(np.float64).copy()
     codes = np.zeros_like(work)
-    for i in range(k):
-        codes[:, i] = np.clip(np.round(work[:, i] / scale), -qmax, qmax)
-        err = (work[:, i] - codes[:, i] * scale) / inv_chol[i, i]
-        work[:, i + 1:] -= np.outer(err, inv_chol[i, i + 1:])
+    # Lazy batches (as in the GPTQ paper): a column's error reaches the columns of its own
+    # block at once and the rest of the row in one matrix product per block; the same sums
+    # as updating every later column after every column, at a fraction of the memory traffic
+    # (ResNet-18's K = 4608 layers took minutes column by column).
+    for b0 in range(0, k, BLOCK):
+        b1 = min(b0 + BLOCK, k)
+        errs = np.empty((work.shape[0], b1 - b0))
+        for i in range(b0, b1):
+            codes[:, i] = np.clip(np.round(work[:, i] / scale), -qmax, qmax)
+            err = (work[:, i] - codes[:, i] * scale) / inv_chol[i, i]
+            work[:, i + 1:b1] -= np.outer(err, inv_chol[i, i + 1:b1])
+            errs[:, i - b0] = err
+        work[:, b1:] -= errs @ inv_chol[b0:b1, b1:]
     return codes
 
 
