@@ -630,6 +630,18 @@ def _int8_parts(plan: LayoutPlan, x_dtype: str):
     return act, (128 if act == "uint8" else -128)
 
 
+def _zero_point_comp(shift: int, weight: np.ndarray, reduce_axes):
+    """The int32 constant a shifted-activation int8 kernel subtracts per output channel:
+    ``shift * sum(weight over reduce_axes)`` (the activation was moved by ``shift`` to
+    fit the instruction's operand type); ``None`` when nothing was shifted."""
+    from tvm import relax
+
+    if not shift:
+        return None
+    return relax.const((shift * weight.astype(np.int64).sum(axis=reduce_axes))
+                       .astype(np.int32))
+
+
 def _float_lanes(lanes: int, channels: int) -> int:
     """``lanes``, or half of it when that avoids padding the output channels."""
     if channels % lanes and lanes > 4 and channels % (lanes // 2) == 0:
@@ -708,19 +720,13 @@ def _make_mutator(plan: LayoutPlan):
             intrin = plan.int8_intrin
             if intrin.removeprefix("portable-") == "arm-i8mm":
                 act, shift = _int8_parts(plan, x_dtype)
-                comp = None
-                if shift:
-                    comp = relax.const((shift * w.astype(np.int64).sum(axis=(1, 2, 3)))
-                                       .astype(np.int32))
+                comp = _zero_point_comp(shift, w, (1, 2, 3))
                 return bb.call_te(conv2d_packed_i8mm, x, relax.const(pack_conv_weight_i8mm(w)),
                                   comp, o, stride, pad, dil, shift, act, intrin,
                                   primfunc_name_hint="conv2d_packed_i8mm")
             if intrin.removeprefix("portable-") == "cuda-mma":
                 act, shift = _int8_parts(plan, x_dtype)
-                comp = None
-                if shift:
-                    comp = relax.const((shift * w.astype(np.int64).sum(axis=(1, 2, 3)))
-                                       .astype(np.int32))
+                comp = _zero_point_comp(shift, w, (1, 2, 3))
                 return bb.call_te(conv2d_mma_int8, x, relax.const(pack_conv_weight_mma(w)),
                                   comp, o, tuple(w.shape[2:]), stride, pad, dil, shift, act,
                                   intrin, primfunc_name_hint="conv2d_mma_int8")
@@ -728,10 +734,7 @@ def _make_mutator(plan: LayoutPlan):
             if intrin.endswith("avx2-vpmaddubsw") and not vpmaddubsw_exact(wp):
                 intrin = "generic"  # saturating int16 pairs would change results
             act, shift = _int8_parts(LayoutPlan(0, intrin, lanes, plan.act_dtype), x_dtype)
-            comp = None
-            if shift:
-                comp_np = (shift * w.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32)
-                comp = relax.const(comp_np)
+            comp = _zero_point_comp(shift, w, (1, 2, 3))
             return bb.call_te(conv2d_packed_int8, x, relax.const(wp), comp, o, stride, pad, dil,
                               lanes, shift, act, intrin, primfunc_name_hint="conv2d_packed_int8")
 
@@ -756,19 +759,13 @@ def _make_mutator(plan: LayoutPlan):
                 lanes, intrin = plan.int8_lanes, plan.int8_intrin
                 if intrin.removeprefix("portable-") == "arm-i8mm":
                     act, shift = _int8_parts(plan, a_dtype)
-                    comp = None
-                    if shift:
-                        comp = relax.const((shift * b.astype(np.int64).sum(axis=0))
-                                           .astype(np.int32))
+                    comp = _zero_point_comp(shift, b, 0)
                     return bb.call_te(matmul_packed_i8mm, a,
                                       relax.const(pack_matmul_weight_i8mm(b)), comp, n, shift,
                                       act, intrin, primfunc_name_hint="matmul_packed_i8mm")
                 if intrin.removeprefix("portable-") == "cuda-mma":
                     act, shift = _int8_parts(plan, a_dtype)
-                    comp = None
-                    if shift:
-                        comp = relax.const((shift * b.astype(np.int64).sum(axis=0))
-                                           .astype(np.int32))
+                    comp = _zero_point_comp(shift, b, 0)
                     return bb.call_te(matmul_mma_int8, a, relax.const(pack_matmul_weight_mma(b)),
                                       comp, n, shift, act, intrin,
                                       primfunc_name_hint="matmul_mma_int8")
@@ -776,9 +773,7 @@ def _make_mutator(plan: LayoutPlan):
                 if intrin.endswith("avx2-vpmaddubsw") and not vpmaddubsw_exact(bp):
                     intrin = "generic"
                 act, shift = _int8_parts(LayoutPlan(0, intrin, lanes, plan.act_dtype), a_dtype)
-                comp = None
-                if shift:
-                    comp = relax.const((shift * b.astype(np.int64).sum(axis=0)).astype(np.int32))
+                comp = _zero_point_comp(shift, b, 0)
                 return bb.call_te(matmul_packed_int8, a, relax.const(bp), comp, n, lanes, shift,
                                   act, intrin, primfunc_name_hint="matmul_packed_int8")
             return None
