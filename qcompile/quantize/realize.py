@@ -160,6 +160,18 @@ def quantize_weight(weight: np.ndarray, axis: int, per_channel: bool = True,
     return q, scale
 
 
+def _float_activation(bb, y, activation):
+    """``y`` with a layer's fused activation applied in float (``("relu",)`` or
+    ``("clip", lo, hi)``; ``None``: as is)."""
+    from tvm import relax
+
+    if activation is None:
+        return y
+    if activation[0] == "relu":
+        return bb.emit(relax.op.nn.relu(y))
+    return bb.emit(relax.op.clip(y, _prim(activation[1]), _prim(activation[2])))
+
+
 def _prim(value: float, dtype: str = "float32"):
     from tvm import relax
 
@@ -526,12 +538,7 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
         else:
             y = bb.emit(relax.op.multiply(accf, _ir.const(acc_scale.astype(np.float32)
                                                           .reshape(bshape))))
-            if layer.activation is not None and layer.activation[0] == "relu":
-                y = bb.emit(relax.op.nn.relu(y))
-            elif layer.activation is not None:
-                y = bb.emit(relax.op.clip(y, _prim(layer.activation[1]),
-                                          _prim(layer.activation[2])))
-            fl[out] = y
+            fl[out] = _float_activation(bb, y, layer.activation)
             record["output"] = {"tensor": names.get(out, out.name), "dtype": "float32",
                                 "requantized": False}
         records.append(record)
@@ -560,12 +567,7 @@ def realize(mod, plan, qparams: dict, per_channel: bool = True, reduce_range: bo
             term = residual[0] if not int8_res else \
                 _residual_term(bb, residual[0], p_r, np.float32(p_r.scale), "float32")
             y = bb.emit(relax.op.add(y, term))
-            if res.activation is not None and res.activation[0] == "relu":
-                y = bb.emit(relax.op.nn.relu(y))
-            elif res.activation is not None:
-                y = bb.emit(relax.op.clip(y, _prim(res.activation[1]),
-                                          _prim(res.activation[2])))
-            fl[final] = y
+            fl[final] = _float_activation(bb, y, res.activation)
             record["output"] = {"tensor": names.get(final, final.name), "dtype": "float32",
                                 "requantized": False}
         records.append(record)
