@@ -222,6 +222,16 @@ def _all_blocks(sch):
     return _root_blocks(sch)
 
 
+def _tile_writeback(sch, block, tile_loop):
+    """Accumulate ``block`` in registers (ACC_SCOPE) and write it back, with its fused
+    elementwise epilogue, once per register tile under ``tile_loop``; returns the
+    write-back block."""
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, tile_loop, preserve_unit_loops=True)
+    return wb
+
+
 def _inline_epilogue(sch, block):
     """Reverse-inline the chain of elementwise consumers into ``block``."""
     while True:
@@ -500,9 +510,7 @@ def schedule_conv2d_int8_pixels(sch, block, px_lanes: int, intrin: str, vec_widt
     sch.reorder(*outer, jo, rc, rh, rw, oc, jn, jv, r4)
     sch.annotate(jo, TILE_ATTR, "int8_pixels")
     _schedule_producers(sch, block, vec_width)
-    wb = sch.cache_write(block, 0, ACC_SCOPE)
-    _inline_epilogue(sch, wb)
-    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    wb = _tile_writeback(sch, block, jo)
     _vectorize_writeback(sch, wb, px_lanes)
     _parallel(sch, block, outer)
     init = sch.decompose_reduction(block, rc)
@@ -538,9 +546,7 @@ def schedule_conv2d_float_pixels(sch, block, px_lanes: int, vec_width: int):
     sch.reorder(*outer, jo, rc, rh, rw, oc, jn, jv)
     sch.annotate(jo, TILE_ATTR, "float_pixels")
     _schedule_producers(sch, block, vec_width)
-    wb = sch.cache_write(block, 0, ACC_SCOPE)
-    _inline_epilogue(sch, wb)
-    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    wb = _tile_writeback(sch, block, jo)
     _vectorize_writeback(sch, wb, px_lanes)
     _parallel(sch, block, outer)
     sch.vectorize(jv)
@@ -703,9 +709,7 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
     sch.reorder(b, o, i, jo, rh, rw, ji)
     sch.annotate(jo, TILE_ATTR, "dw_pixels" + ("_deinterleaved" if buf_rank == 6 else ""))
     sch.compute_at(pack, o, preserve_unit_loops=True)
-    wb = sch.cache_write(block, 0, ACC_SCOPE)
-    _inline_epilogue(sch, wb)
-    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    wb = _tile_writeback(sch, block, jo)
     _vector_split(sch, sch.get_loops(wb)[-1], tw)
     pl = sch.get_loops(pack)
     _schedule_pad_copy(sch, pack, pl[2], vec_width)
@@ -783,9 +787,7 @@ def schedule_matmul_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     else:
         sch.reorder(io, jo, rk, ii, ji)
     _schedule_producers(sch, block, vec_width)
-    wb = sch.cache_write(block, 0, ACC_SCOPE)
-    _inline_epilogue(sch, wb)
-    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    wb = _tile_writeback(sch, block, jo)
     wl = sch.get_loops(wb)[2:]
     if len(wl) == 2:
         sch.vectorize(wl[1])
@@ -800,9 +802,7 @@ def schedule_conv2d_spatial(sch, block, vec_width: int, acc_width: int):
     jo, ji = sch.split(j, [None, tw])
     sch.reorder(b, o, i, jo, rc, rh, rw, ji)
     _schedule_producers(sch, block, vec_width)
-    wb = sch.cache_write(block, 0, ACC_SCOPE)
-    _inline_epilogue(sch, wb)
-    sch.reverse_compute_at(wb, jo, preserve_unit_loops=True)
+    wb = _tile_writeback(sch, block, jo)
     sch.vectorize(sch.get_loops(wb)[-1])
     sch.vectorize(ji)
     sch.unroll(rw)
