@@ -67,6 +67,10 @@ class QuantConfig:
     skip: tuple = ()                  # layer names (ONNX node names) or op types to keep float
     ops: tuple = ("conv2d", "matmul")
     max_accuracy_drop: float | None = None  # points of top-1; None: no fallback search
+    # accuracy fallback target on the model output: SQNR vs float (dB) on the evaluation
+    # data at least this (with or without max_accuracy_drop; either one starts the search)
+    min_output_sqnr: float | None = None
+    fallback_search: str = "greedy"   # greedy (one build per layer moved) | bisect
     eval_data: object = None          # .npz path (input arrays + optional "labels") or batches
                                       # {input: array, "labels": array}; default: calibration data
     dynamic: bool = False             # matmul only, activation scales at run time, no calib
@@ -99,6 +103,11 @@ class QuantConfig:
     # Cost: one more Gram matrix pass over the kept samples (MiniLM quantize 24 -> 93 s).
     weight_rounding: str = "gptq"
     rounding_samples: int = 16        # calibration samples whose inputs feed gptq
+    # activation clip ranges: "observer" (each tensor's own range from `method`) |
+    # "output" (quantize/range_search.py: the range alpha*[min, max] -- or the observer's --
+    # with the least error in the OUTPUT of the layers that consume the tensor, on the
+    # `rounding_samples` calibration samples)
+    act_range: str = "observer"
     requant: str = "float"            # float (float32 multiply, default) | fixed (int64 m0 >> n)
     sqnr: bool = True                 # per-layer SQNR vs float in the summary
     sqnr_samples: int = 64            # calibration samples used for SQNR
@@ -115,6 +124,9 @@ class QuantConfig:
             raise InputError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise InputError("--max-accuracy-drop must be >= 0")
+        if self.fallback_search not in ("greedy", "bisect"):
+            raise InputError(f"fallback search must be greedy or bisect, got "
+                             f"'{self.fallback_search}'")
         if self.equalize is True:
             self.equalize = "weights"
         if self.equalize in (False, "none", ""):
@@ -128,6 +140,9 @@ class QuantConfig:
         if self.weight_rounding not in ("nearest", "gptq"):
             raise InputError(f"weight rounding must be nearest or gptq, got "
                              f"'{self.weight_rounding}'")
+        if self.act_range not in ("observer", "output"):
+            raise InputError(f"activation range must be observer or output, got "
+                             f"'{self.act_range}'")
         if self.requant not in ("float", "fixed"):
             raise InputError(f"requantize mode must be float or fixed, got '{self.requant}'")
         bad = [o for o in self.ops if o not in ("conv2d", "matmul")]
@@ -210,6 +225,7 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         data = _materialize(calib, imported.inputs, config.calib_limit)
     onnx_model = getattr(imported, "onnx_model", None)
     kept = []
+    range_report = {}  # act_range="output": {root: observer vs chosen range}
     if qdq:
         # the model brings its own scales: no calibration, weights as given
         table = weight_table(imported.mod)
@@ -232,8 +248,9 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                                             per_channel=config.per_channel)
         plan = build_plan(float_mod, onnx_model, skip=config.skip, ops=config.ops)
         extra = [l.out_var for l in plan.quantized()] if config.sqnr else []
+        # layer inputs kept for gptq rounding and/or the output-aware range search
         rounding_vars = []
-        if config.weight_rounding == "gptq":
+        if config.weight_rounding == "gptq" or config.act_range == "output":
             rounding_vars = list(dict.fromkeys(l.input_var for l in plan.quantized()))
         means = ({l.input_var: (1 if l.kind == "conv2d" else -1) for l in plan.quantized()}
                  if config.bias_correction else None)
@@ -245,14 +262,22 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                                                      config.rounding_samples
                                                      if rounding_vars else 0),
                                     channel_means=means)
-        if rounding_vars:
-            override = _gptq_weights(plan, kept, extra, rounding_vars, config, reduce_range)
-            if not config.sqnr:
-                kept = []
+        samples = _kept_inputs(kept, extra, rounding_vars, config.rounding_samples)
+        if config.weight_rounding == "gptq":
+            override = _gptq_weights(plan, samples, config, reduce_range)
+        if not config.sqnr:
+            kept = []
         if config.bias_correction:
             correct_biases(plan, observers.pop("means"), config.per_channel, reduce_range,
                            config.weight_scale, weights=override)
         ranges = {var: obs.compute_range() for var, obs in observers.items()}
+        if config.act_range == "output":
+            from .range_search import output_aware_ranges
+
+            bounds = {var: (obs.min, obs.max) for var, obs in observers.items()}
+            ranges, range_report = output_aware_ranges(plan, samples, ranges, bounds,
+                                                       config.act_dtype)
+        samples = None
         qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
     names = tensor_names(plan, float_mod["main"])
     qmod, records = realize(float_mod, plan, qparams, config.per_channel, reduce_range,
@@ -291,8 +316,12 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                          "samples": int(sum(len(next(iter(b.values()))) for b in data))}
                         if data is not None else None),
         "target": spec.name,
+        "act_range": "from the model" if qdq else config.act_range,
         "tensors": {names.get(var, var.name): {**qparams[var].to_dict(),
-                                               "range": [float(lo), float(hi)]}
+                                               "range": [float(lo), float(hi)],
+                                               **({"observer_range":
+                                                   range_report[var]["observer_range"]}
+                                                  if var in range_report else {})}
                     for var, (lo, hi) in ranges.items()},
         "layers": [],
     }
@@ -310,10 +339,12 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         _add_sqnr(result, spec, kept, imported.inputs, config)
     elif qdq and config.sqnr and data is not None and plan.quantized():
         _add_qdq_sqnr(result, imported, spec, data, config)
-    if config.max_accuracy_drop is not None and qdq:
+    fallback = config.max_accuracy_drop is not None or config.min_output_sqnr is not None
+    if fallback and qdq:
         summary["fallback"] = {"max_accuracy_drop": config.max_accuracy_drop,
+                               "min_output_sqnr_db": config.min_output_sqnr,
                                "skipped": "a QDQ model's own quantization is kept as given"}
-    elif config.max_accuracy_drop is not None:
+    elif fallback:
         from .sensitivity import fallback_search
 
         fallback_search(result, imported, data, config, spec, reduce_range)
@@ -392,20 +423,26 @@ def _quantize_dynamic(imported, calib, config, spec) -> QuantResult:
     return result
 
 
-def _gptq_weights(plan, kept, extra, rounding_vars, config, reduce_range):
-    """{layer: (q int8, scales)} rounded against the kept calibration inputs, as a
-    ``weight_override`` for realize."""
+def _kept_inputs(kept, extra, input_vars, limit) -> dict:
+    """{var: [float arrays]} of ``input_vars`` over the first ``limit`` kept samples
+    (``kept`` arrays are ``[model output, *extra, *input_vars]``)."""
+    first = 1 + len(extra)
+    samples, count = {v: [] for v in input_vars}, 0
+    for _feed, valid, arrays in kept:
+        if count >= limit:
+            break
+        for var, array in zip(input_vars, arrays[first:]):
+            samples[var].append(np.asarray(array)[:valid])
+        count += valid
+    return samples
+
+
+def _gptq_weights(plan, samples, config, reduce_range):
+    """{layer: (q int8, scales)} rounded against the kept calibration inputs
+    (``samples``: {layer input var: [arrays]}), as a ``weight_override`` for realize."""
     from .gptq import conv_gram, gptq_weight, matmul_gram
     from .realize import quantize_weight
 
-    first = 1 + len(extra)
-    samples, count = {v: [] for v in rounding_vars}, 0
-    for _feed, valid, arrays in kept:
-        if count >= config.rounding_samples:
-            break
-        for var, array in zip(rounding_vars, arrays[first:]):
-            samples[var].append(np.asarray(array)[:valid])
-        count += valid
     table = {}
     qmax = 63 if reduce_range else 127
     for layer in plan.quantized():

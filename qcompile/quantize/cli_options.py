@@ -38,6 +38,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep the most sensitive layers in float until top-1 (agreement "
                             "with float, or accuracy when the data has labels) is within "
                             "POINTS of float")
+    group.add_argument("--min-output-sqnr", type=float, default=None, metavar="DB",
+                       help="accuracy fallback target: also (or only) require the model-output "
+                            "SQNR vs float on the evaluation data to be at least DB")
+    group.add_argument("--fallback-search", choices=("greedy", "bisect"), default="greedy",
+                       help="accuracy fallback: move layers to float one at a time (greedy, "
+                            "one build each) or bisect the sensitivity order (fewer builds, "
+                            "for models with many layers)")
+    group.add_argument("--act-range", choices=("observer", "output"), default="observer",
+                       help="activation clip ranges: the calibration method's own (observer) "
+                            "or the candidate range with the least error in the consuming "
+                            "layers' outputs (output)")
     group.add_argument("--accuracy-data", default=None, metavar="NPZ",
                        help="evaluation data for --max-accuracy-drop: an .npz with the model "
                             "inputs and optionally 'labels' (default: the calibration data, "
@@ -101,6 +112,9 @@ def config_from_args(args: argparse.Namespace, spec=None):
         skip=tuple(getattr(args, "skip", None) or ()),
         max_accuracy_drop=getattr(args, "max_accuracy_drop", None),
         eval_data=getattr(args, "accuracy_data", None),
+        min_output_sqnr=getattr(args, "min_output_sqnr", None),
+        fallback_search=getattr(args, "fallback_search", "greedy"),
+        act_range=getattr(args, "act_range", "observer"),
         requant=getattr(args, "requant", "float"),
         weight_scale=getattr(args, "weight_scale", "minmax"),
         weight_rounding=getattr(args, "weight_rounding", "gptq"),

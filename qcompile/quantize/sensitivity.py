@@ -4,10 +4,11 @@
   model output, int8 module vs float module, on the same batches. The int8
   layer outputs include the error accumulated from earlier layers (what the
   deployed model really sees).
-* :func:`fallback` -- keep the most sensitive layers in float until the metric
-  on the evaluation data is within ``max_drop``: layers are ranked by the
-  model-output SQNR when *only that layer* is quantized (lowest first), then
-  moved to float one at a time until the budget holds.
+* :func:`fallback_search` -- keep the most sensitive layers in float until the
+  target holds on the evaluation data (top-1 within ``max_accuracy_drop`` points of
+  float and/or model-output SQNR >= ``min_output_sqnr`` dB): layers are ranked by
+  the model-output SQNR when *only that layer* is quantized (lowest first), then
+  moved to float in that order (one at a time, or by bisection of the order).
 """
 
 from __future__ import annotations
@@ -104,21 +105,27 @@ def _latency_ms(exe, inputs) -> float:
 
 
 def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
-    """Move the most sensitive layers to float until the drop is within budget.
+    """Move the most sensitive layers to float until the target holds.
 
-    Sensitivity of a layer: the model-output SQNR when only that layer is
-    quantized (lowest = most sensitive). The metric is top-1 accuracy when the
-    evaluation data has labels, else top-1 agreement with the float model, in
-    percent; the drop is measured against the float model on the same data.
-    Updates ``result.mod`` / ``result.plan`` and records the search in
-    ``result.summary["fallback"]``.
+    Target: the top-1 metric within ``config.max_accuracy_drop`` points of float
+    (when set) and the model-output SQNR vs float on the same data at least
+    ``config.min_output_sqnr`` dB (when set). The top-1 metric is accuracy when the
+    evaluation data has labels, else agreement with the float model, in percent.
+    Sensitivity of a layer: the model-output SQNR when only that layer is quantized
+    (lowest = most sensitive). ``config.fallback_search``: "greedy" moves one layer at a
+    time, in that order, re-measuring after each; "bisect" finds the shortest prefix
+    of that order that meets the target by bisection (about log2(layers) builds
+    instead of one per layer; assumes more float layers never hurt, and checks the
+    prefix it returns). Updates ``result.mod`` / ``result.plan`` and records the search
+    in ``result.summary["fallback"]``.
     """
     from ..pipeline import compile_relax
     from .calibrate import observe_module, runnable_spec
     from .plan import build_plan
     from .realize import realize
 
-    budget = float(config.max_accuracy_drop)
+    budget = None if config.max_accuracy_drop is None else float(config.max_accuracy_drop)
+    min_sqnr = None if config.min_output_sqnr is None else float(config.min_output_sqnr)
     evalset, labels, what = _eval_set(config, data, imported.inputs)
     inputs = imported.inputs
     onnx_model = getattr(imported, "onnx_model", None)
@@ -149,17 +156,24 @@ def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
     reference = outputs(result.float_mod, evalset)
     float_metric = top1_metric(reference, reference, labels)
 
-    def drop_of(mod):
-        metric = top1_metric(reference, outputs(mod, evalset), labels)
-        return metric, float_metric - metric
+    def measure(mod):
+        """(top-1 metric, drop, output SQNR dB, meets the target) of ``mod``."""
+        out = outputs(mod, evalset)
+        metric = top1_metric(reference, out, labels)
+        sqnr = layer_sqnr([reference], [out])[0]
+        sqnr = float("inf") if sqnr is None else sqnr
+        ok = ((budget is None or float_metric - metric <= budget)
+              and (min_sqnr is None or sqnr >= min_sqnr))
+        return metric, float_metric - metric, sqnr, ok
 
     all_int8_mod = result.mod
-    start_metric, drop = drop_of(result.mod)
+    start_metric, drop, start_sqnr, ok = measure(result.mod)
+    metric, sqnr = start_metric, start_sqnr
     steps = []
     fallen: list[str] = []
     quantized = [l.name for l in result.plan.quantized()]
     ranking = []
-    if drop > budget and quantized:
+    if not ok and quantized:
         # isolated sensitivity on (at most) the first 64 samples of the evaluation data
         subset, count = [], 0
         for batch in evalset:
@@ -175,24 +189,45 @@ def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
             others = tuple(n for n in quantized if n != name)
             _plan, mod, _rec = build(base_skip + others)
             ranking.append((layer_sqnr([ref_small], [outputs(mod, subset)])[0] or 0.0, name))
+            compiled.clear()  # one executable per layer: keep memory flat
         ranking.sort(key=lambda item: (item[0] if item[0] != float("inf") else 1e9))
-    metric = start_metric
-    for sqnr, name in ranking:
-        if drop <= budget:
-            break
-        fallen.append(name)
-        plan, mod, records = build(base_skip + tuple(fallen))
-        metric, drop = drop_of(mod)
-        steps.append({"float_layer": name, "isolated_output_sqnr_db": sqnr,
-                      "metric": metric, "drop": drop})
+    order = [name for _s, name in ranking]
+    isolated = dict((name, s) for s, name in ranking)
+
+    def probe(count):
+        plan, mod, _records = build(base_skip + tuple(order[:count]))
+        m, d, q, good = measure(mod)
+        steps.append({"float_layers": count, "float_layer": order[count - 1] if count else None,
+                      "isolated_output_sqnr_db": isolated.get(order[count - 1]) if count
+                      else None, "metric": m, "drop": d, "output_sqnr_db": q, "meets": good})
+        compiled.clear()
+        return plan, mod, m, d, q, good
+
+    if ranking and config.fallback_search == "bisect":
+        lo, hi = 0, len(order)   # lo fails (checked above); hi = all float, assumed to pass
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if probe(mid)[-1]:
+                hi = mid
+            else:
+                lo = mid
+        plan, mod, metric, drop, sqnr, ok = probe(hi)
+        fallen = order[:hi]
         result.plan, result.mod = plan, mod
+    else:
+        for name in order:
+            if ok:
+                break
+            fallen.append(name)
+            plan, mod, metric, drop, sqnr, ok = probe(len(fallen))
+            result.plan, result.mod = plan, mod
     if fallen:
         by_name = {l["name"]: l for l in result.summary["layers"]}
         for name in fallen:
             layer = by_name[name]
             for key in ("input", "output", "weight", "activation", "groups"):
                 layer.pop(key, None)
-            layer.update({"int8": False, "reason": "kept float by --max-accuracy-drop"})
+            layer.update({"int8": False, "reason": "kept float by the accuracy fallback"})
     latency = {}
     try:
         latency["all_int8_ms"] = _latency_ms(executable(all_int8_mod), inputs)
@@ -201,9 +236,11 @@ def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
     except Exception as exc:  # noqa: BLE001 - timing is informative only
         latency["error"] = str(exc).splitlines()[0][:200]
     result.summary["fallback"] = {
-        "max_accuracy_drop": budget, "metric": what, "float_metric": float_metric,
-        "all_int8_metric": start_metric, "final_metric": metric, "final_drop": drop,
-        "within_budget": bool(drop <= budget), "float_layers": fallen,
+        "max_accuracy_drop": budget, "min_output_sqnr_db": min_sqnr, "metric": what,
+        "search": config.fallback_search, "float_metric": float_metric,
+        "all_int8_metric": start_metric, "all_int8_output_sqnr_db": start_sqnr,
+        "final_metric": metric, "final_drop": drop, "final_output_sqnr_db": sqnr,
+        "within_budget": bool(ok), "float_layers": fallen,
         "sensitivity": [{"layer": n, "isolated_output_sqnr_db": s} for s, n in ranking],
         "steps": steps, "latency": latency,
     }
