@@ -146,3 +146,21 @@ def test_fallback_reaches_an_output_sqnr_target(bundled, bundled_calib_data, sea
         assert fewer and not fewer[0]["meets"]
     int8_ops = result.mod.script(show_meta=False).count('out_dtype="int32"')
     assert int8_ops == len(result.summary["int8_layers"])
+
+
+def test_local_sensitivity_ranks_the_damaged_layer_first(bundled, bundled_calib_data):
+    # the bundled CNN with bad (75th percentile) ranges: the local ranking needs no
+    # builds, and the fallback driven by it still meets the SQNR target
+    calib = load_calibration(bundled_calib_data, bundled.inputs, limit=64)
+    config = QuantConfig(method="percentile", percentile=75.0, min_output_sqnr=25.0,
+                         fallback_search="bisect", sensitivity="local", sqnr=False,
+                         progress=False)
+    result = quantize_model(bundled, calib, config, SPEC)
+    fb = result.summary["fallback"]
+    assert fb["sensitivity_measure"] == "local"
+    sens = [s["isolated_output_sqnr_db"] for s in fb["sensitivity"]]
+    assert len(sens) == 4 and sens == sorted(sens)
+    assert all(np.isfinite(v) and v < 60 for v in sens)
+    assert fb["within_budget"] and fb["final_output_sqnr_db"] >= 25.0
+    # bisection over 4 layers: at most 3 probes (2 + the final check), no per-layer builds
+    assert len(fb["steps"]) <= 3

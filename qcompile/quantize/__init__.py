@@ -71,6 +71,10 @@ class QuantConfig:
     # data at least this (with or without max_accuracy_drop; either one starts the search)
     min_output_sqnr: float | None = None
     fallback_search: str = "greedy"   # greedy (one build per layer moved) | bisect
+    # how the fallback ranks layers: "isolated" (model-output SQNR with only that layer
+    # int8: one model build per layer) | "local" (the layer's own output SQNR computed in
+    # numpy on calibration inputs: no builds, blind to how errors propagate)
+    sensitivity: str = "isolated"
     eval_data: object = None          # .npz path (input arrays + optional "labels") or batches
                                       # {input: array, "labels": array}; default: calibration data
     dynamic: bool = False             # matmul only, activation scales at run time, no calib
@@ -127,6 +131,9 @@ class QuantConfig:
         if self.fallback_search not in ("greedy", "bisect"):
             raise InputError(f"fallback search must be greedy or bisect, got "
                              f"'{self.fallback_search}'")
+        if self.sensitivity not in ("isolated", "local"):
+            raise InputError(f"sensitivity must be isolated or local, got "
+                             f"'{self.sensitivity}'")
         if self.equalize is True:
             self.equalize = "weights"
         if self.equalize in (False, "none", ""):
@@ -158,6 +165,7 @@ class QuantResult:
     plan: object = None
     qparams: dict = field(default_factory=dict)
     weight_override: object = None
+    local_sensitivity: list | None = None  # [(dB, layer)] for sensitivity="local"
 
 
 def _materialize(calib, inputs, limit=None):
@@ -225,6 +233,7 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         data = _materialize(calib, imported.inputs, config.calib_limit)
     onnx_model = getattr(imported, "onnx_model", None)
     kept = []
+    local_ranking = None
     range_report = {}  # act_range="output": {root: observer vs chosen range}
     if qdq:
         # the model brings its own scales: no calibration, weights as given
@@ -250,7 +259,9 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
         extra = [l.out_var for l in plan.quantized()] if config.sqnr else []
         # layer inputs kept for gptq rounding and/or the output-aware range search
         rounding_vars = []
-        if config.weight_rounding == "gptq" or config.act_range == "output":
+        local = config.sensitivity == "local" and (config.max_accuracy_drop is not None
+                                                   or config.min_output_sqnr is not None)
+        if config.weight_rounding == "gptq" or config.act_range == "output" or local:
             rounding_vars = list(dict.fromkeys(l.input_var for l in plan.quantized()))
         means = ({l.input_var: (1 if l.kind == "conv2d" else -1) for l in plan.quantized()}
                  if config.bias_correction else None)
@@ -277,8 +288,14 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
             bounds = {var: (obs.min, obs.max) for var, obs in observers.items()}
             ranges, range_report = output_aware_ranges(plan, samples, ranges, bounds,
                                                        config.act_dtype)
-        samples = None
         qparams = {var: act_qparams(lo, hi, config.act_dtype) for var, (lo, hi) in ranges.items()}
+        if local:
+            from .sensitivity import local_sensitivity
+
+            local_ranking = local_sensitivity(plan, samples, qparams, override,
+                                              config.per_channel, reduce_range,
+                                              config.weight_scale)
+        samples = None
     names = tensor_names(plan, float_mod["main"])
     qmod, records = realize(float_mod, plan, qparams, config.per_channel, reduce_range,
                             weight_override=override, fake_quant=qdq, requant=config.requant,
@@ -334,7 +351,8 @@ def quantize_model(imported, calib, config: QuantConfig | None = None, spec=None
                                       "kind": layer.kind, "int8": False,
                                       "reason": layer.reason})
     result = QuantResult(mod=qmod, summary=summary, float_mod=float_mod, plan=plan,
-                         qparams=qparams, weight_override=override)
+                         qparams=qparams, weight_override=override,
+                         local_sensitivity=local_ranking)
     if config.sqnr and plan.quantized() and kept:
         _add_sqnr(result, spec, kept, imported.inputs, config)
     elif qdq and config.sqnr and data is not None and plan.quantized():

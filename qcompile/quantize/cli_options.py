@@ -45,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="accuracy fallback: move layers to float one at a time (greedy, "
                             "one build each) or bisect the sensitivity order (fewer builds, "
                             "for models with many layers)")
+    group.add_argument("--sensitivity", choices=("isolated", "local"), default="isolated",
+                       help="accuracy fallback: rank layers by the model-output SQNR with only "
+                            "that layer int8 (isolated: one build per layer) or by the layer's "
+                            "own output SQNR on calibration inputs (local: no builds)")
     group.add_argument("--act-range", choices=("observer", "output"), default="observer",
                        help="activation clip ranges: the calibration method's own (observer) "
                             "or the candidate range with the least error in the consuming "
@@ -115,6 +119,7 @@ def config_from_args(args: argparse.Namespace, spec=None):
         min_output_sqnr=getattr(args, "min_output_sqnr", None),
         fallback_search=getattr(args, "fallback_search", "greedy"),
         act_range=getattr(args, "act_range", "observer"),
+        sensitivity=getattr(args, "sensitivity", "isolated"),
         requant=getattr(args, "requant", "float"),
         weight_scale=getattr(args, "weight_scale", "minmax"),
         weight_rounding=getattr(args, "weight_rounding", "gptq"),

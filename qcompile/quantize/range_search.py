@@ -85,6 +85,23 @@ class _Consumer:
     def _output(self, rows):
         return np.matmul(rows.transpose(1, 0, 2), self.weight)  # [groups, R, out]
 
+    def grouped(self, weight) -> np.ndarray:
+        """A weight of the layer's own shape in this consumer's [groups, K, out] layout."""
+        if self.weight.shape[0] == 1 and np.ndim(weight) == 2:
+            return np.asarray(weight, np.float32)[None]
+        groups = self.weight.shape[0]
+        out_c = weight.shape[0]
+        return np.ascontiguousarray(
+            weight.reshape(groups, out_c // groups, -1).transpose(0, 2, 1), np.float32)
+
+    def local_sqnr(self, params, dequantized_weight) -> float:
+        """SQNR (dB) of this layer's output with its input on the grid ``params`` and its
+        weight replaced by ``dequantized_weight``, vs float (the layer alone)."""
+        out = np.matmul(_fake_quant(self.rows, params).transpose(1, 0, 2),
+                        self.grouped(dequantized_weight))
+        err = float(np.sum((out - self._output(self.rows)).astype(np.float64) ** 2))
+        return float("inf") if err == 0 else float(10 * np.log10(self.power / err))
+
     def error(self, params) -> float:
         """Output error power of this layer, relative to its float output power."""
         err = self._output(_fake_quant(self.rows, params) - self.rows)

@@ -104,6 +104,33 @@ def _latency_ms(exe, inputs) -> float:
     return float(np.median(timer(*args).results) * 1e3)
 
 
+def local_sensitivity(plan, samples: dict, qparams: dict, weights, per_channel=True,
+                      reduce_range=False, weight_scale="minmax") -> list:
+    """[(SQNR dB, layer name)] of each quantized layer computed alone in numpy: its own
+    input quantization and weight rounding, on sampled calibration inputs (no model
+    build per layer; does not see how the error propagates to the model output).
+    ``weights(layer, axis)`` gives (int8 codes, scales) or None for nearest rounding."""
+    from .range_search import ROWS, _Consumer
+    from .realize import quantize_weight
+
+    rng = np.random.default_rng(0)
+    out = []
+    for layer in plan.quantized():
+        if not samples.get(layer.input_var):
+            continue
+        axis = 0 if layer.kind == "conv2d" else 1
+        given = weights(layer, axis) if weights is not None else None
+        q, scale = given if given is not None else quantize_weight(
+            layer.weight, axis, per_channel, reduce_range, weight_scale)
+        shape = [1] * layer.weight.ndim
+        shape[axis] = len(scale)
+        dequant = q.astype(np.float64) * np.asarray(scale).reshape(shape)
+        consumer = _Consumer(layer, samples[layer.input_var], ROWS, rng)
+        params = qparams[plan.params_root(layer.root)]
+        out.append((consumer.local_sqnr(params, dequant), layer.name))
+    return out
+
+
 def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
     """Move the most sensitive layers to float until the target holds.
 
@@ -173,7 +200,10 @@ def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
     fallen: list[str] = []
     quantized = [l.name for l in result.plan.quantized()]
     ranking = []
-    if not ok and quantized:
+    if not ok and quantized and config.sensitivity == "local":
+        ranking = [item for item in (result.local_sensitivity or []) if item[1] in quantized]
+        ranking.sort(key=lambda item: (item[0] if item[0] != float("inf") else 1e9))
+    elif not ok and quantized:
         # isolated sensitivity on (at most) the first 64 samples of the evaluation data
         subset, count = [], 0
         for batch in evalset:
@@ -237,7 +267,8 @@ def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
         latency["error"] = str(exc).splitlines()[0][:200]
     result.summary["fallback"] = {
         "max_accuracy_drop": budget, "min_output_sqnr_db": min_sqnr, "metric": what,
-        "search": config.fallback_search, "float_metric": float_metric,
+        "search": config.fallback_search, "sensitivity_measure": config.sensitivity,
+        "float_metric": float_metric,
         "all_int8_metric": start_metric, "all_int8_output_sqnr_db": start_sqnr,
         "final_metric": metric, "final_drop": drop, "final_output_sqnr_db": sqnr,
         "within_budget": bool(ok), "float_layers": fallen,
