@@ -291,9 +291,16 @@ def _accepts(cls, field):
 
 
 # --------------------------------------------------------------------------- one process per thread count
-def _interleaved_medians(fns: dict, runs: int, rounds: int = 5, warmup: int = 3) -> dict:
+def _interleaved_medians(fns: dict, runs: int, rounds: int = 5, warmup: int = 3,
+                         settle_s: float = 0.05) -> dict:
     """Median ms per engine, timed round-robin (``rounds`` rounds of ``runs/rounds`` runs
-    each) so that load changes on a shared machine hit every engine alike."""
+    each) so that load changes on a shared machine hit every engine alike.
+
+    Each engine's turn starts with a pause of ``settle_s`` and one untimed call: ORT's and
+    TVM's thread pools spin-wait after a parallel call, and a previous engine's spinning
+    workers would otherwise steal the cores from the first runs of the next one (measured
+    at 2 threads: ORT fp32 MobileNetV2 5.4 ms alone, 23 ms right after a qcompile run).
+    Runs within a turn are back to back, as a deployed model runs."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -301,6 +308,8 @@ def _interleaved_medians(fns: dict, runs: int, rounds: int = 5, warmup: int = 3)
     samples = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            time.sleep(settle_s)
+            fn()
             for _ in range(per):
                 t0 = time.perf_counter()
                 fn()

@@ -58,8 +58,16 @@ AVX2_TW_2VEC = 4
 
 # A nest with less work than this (iterations of its loops, all levels) runs on one thread:
 # a parallel launch costs microseconds, and on a loaded machine waiting for a descheduled
-# worker costs milliseconds.
+# worker costs milliseconds. Float conv/matmul kernels split from 64K iterations:
+# MobileNetV2 fp32 at 2 threads 11.15 -> 9.14 ms (ORT 6.67; in-process interleaved A/B,
+# quiet machine) -- its depthwise and 7x7/14x14 1x1 convs were single-threaded at 4M --
+# for 15.4 -> 16.0 ms at 1 thread; ResNet-18 unchanged. Kernels over 8-bit data keep 4M:
+# their parallel form measured much slower at 1 thread (MobileNetV2 int8 10.4 -> 13-14.5
+# ms: the stride-2 depthwise and the 1x1 convs with a repack stage inside the loop).
 MIN_PARALLEL_WORK = 1 << 22
+MIN_PARALLEL_WORK_FLOAT = 1 << 16
+# elementwise nests (padding, leftover epilogues): one iteration is one element
+SPATIAL_MIN_PARALLEL_WORK = 1 << 19
 
 
 def _work(sch, block) -> int:
@@ -70,9 +78,25 @@ def _work(sch, block) -> int:
     return total
 
 
+def _reads_eight_bit(sch, block, depth: int = 3) -> bool:
+    """Whether ``block`` or one of its producers (``depth`` levels up) reads 8-bit data."""
+    if any(str(region.source.dtype) in ("int8", "uint8") for region in sch.get(block).reads):
+        return True
+    return depth > 0 and any(_reads_eight_bit(sch, p, depth - 1)
+                             for p in sch.get_producers(block))
+
+
+def _min_parallel_work(sch, block) -> int:
+    return MIN_PARALLEL_WORK if _reads_eight_bit(sch, block) else MIN_PARALLEL_WORK_FLOAT
+
+
+def _big_enough(sch, block) -> bool:
+    return _work(sch, block) >= _min_parallel_work(sch, block)
+
+
 def _parallel(sch, block, loops):
     """Fuse ``loops`` and run them in parallel when ``block``'s nest is big enough."""
-    if not _OVERRIDES.get("parallel", _work(sch, block) >= MIN_PARALLEL_WORK):
+    if not _OVERRIDES.get("parallel", _big_enough(sch, block)):
         return
     sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
@@ -309,7 +333,7 @@ def _schedule_spatial(sch, block, width: int, min_parallel: int = 2048):
     inner = loops[-1]
     _vector_split(sch, inner, width)
     outer = loops[:-1]
-    if outer and total >= max(min_parallel, MIN_PARALLEL_WORK // 8):
+    if outer and total >= max(min_parallel, SPATIAL_MIN_PARALLEL_WORK):
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         sch.parallel(fused)
 
@@ -622,6 +646,7 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
         sch.unroll(ov)
     else:
         sch.reorder(*outer, jo, rc, rh, rw, ji, oi)
+    sch.annotate(jo, TILE_ATTR, "channels")
     _schedule_producers(sch, block, vec_width)
     wb = sch.cache_write(block, 0, ACC_SCOPE)
     sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, h, w, c))
@@ -713,7 +738,7 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
     _vector_split(sch, sch.get_loops(wb)[-1], tw)
     pl = sch.get_loops(pack)
     _schedule_pad_copy(sch, pack, pl[2], vec_width)
-    if _work(sch, block) >= MIN_PARALLEL_WORK:
+    if _big_enough(sch, block):
         sch.parallel(sch.fuse(b, o))
     sch.vectorize(ji)
     sch.unroll(rw)

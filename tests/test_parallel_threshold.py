@@ -1,0 +1,58 @@
+"""Which kernels run in parallel (``schedules.cpu``: float from 64K loop iterations,
+8-bit kernels from 4M), and that the threshold check itself never knocks a kernel off
+its tiled schedule (a failure inside a schedule rule falls back to the generic rule
+silently: a 14x14 1x1 conv once ran 100x slower that way)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from test_depthwise_int8 import _dw_module  # noqa: E402
+from test_schedule_x86_pixels import _scheduled_tir  # noqa: E402
+from test_schedules import conv_module  # noqa: E402
+
+import qcompile.schedules.cpu as cpu  # noqa: E402
+
+RNG = np.random.default_rng(0)
+
+
+def _dw_case(x_dtype):
+    """Depthwise 96 channels, 56x56, stride 2: 96*28*28*9 = 677K iterations, between the
+    float and the 8-bit threshold."""
+    if x_dtype == "float32":
+        w = RNG.standard_normal((96, 1, 3, 3)).astype("float32")
+        return conv_module((1, 96, 56, 56), w, 2, 1, groups=96,
+                           bias=RNG.standard_normal((1, 96, 1, 1)).astype("float32"))
+    w = RNG.integers(-127, 128, (96, 1, 3, 3)).astype("int8")
+    return _dw_module((1, 96, 56, 56), w, 2, 1, 1, x_dtype, None)
+
+
+def test_thresholds_are_ordered():
+    assert cpu.MIN_PARALLEL_WORK_FLOAT < 96 * 28 * 28 * 9 < cpu.MIN_PARALLEL_WORK
+
+
+@pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
+def test_float_depthwise_between_thresholds_runs_parallel(target):
+    tir = _scheduled_tir(_dw_case("float32"), target)
+    assert "qcompile_tile" in tir, "the depthwise kernel fell off its tiled schedule"
+    assert "T.parallel(" in tir
+
+
+@pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
+def test_int8_depthwise_between_thresholds_stays_single_threaded(target):
+    tir = _scheduled_tir(_dw_case("uint8"), target)
+    assert "qcompile_tile" in tir, "the depthwise kernel fell off its tiled schedule"
+    assert "T.parallel(" not in tir
+
+
+@pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
+def test_small_float_pointwise_keeps_tiled_schedule_and_parallel(target):
+    """MobileNetV2's 576 -> 96 1x1 conv at 14x14 (10.8M iterations)."""
+    w = RNG.standard_normal((96, 576, 1, 1)).astype("float32")
+    bias = RNG.standard_normal((1, 96, 1, 1)).astype("float32")
+    tir = _scheduled_tir(conv_module((1, 576, 14, 14), w, 1, 0, bias=bias), target)
+    assert "qcompile_tile" in tir, "the 1x1 conv fell off its tiled schedule"
+    assert "T.parallel(" in tir
