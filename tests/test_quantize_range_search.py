@@ -164,3 +164,29 @@ def test_local_sensitivity_ranks_the_damaged_layer_first(bundled, bundled_calib_
     assert fb["within_budget"] and fb["final_output_sqnr_db"] >= 25.0
     # bisection over 4 layers: at most 3 probes (2 + the final check), no per-layer builds
     assert len(fb["steps"]) <= 3
+
+
+def test_fallback_keeps_the_bias_correction(bundled, bundled_calib_data):
+    # the fallback rebuilds plans from the float module; the int8 layers it keeps must
+    # still get the corrected biases: its final module equals quantizing with the same
+    # layers skipped from the start
+    calib = load_calibration(bundled_calib_data, bundled.inputs, limit=64)
+    base = dict(method="percentile", percentile=75.0, sqnr=False, progress=False)
+    fell = quantize_model(bundled, calib, QuantConfig(min_output_sqnr=15.0,
+                                                      fallback_search="bisect", **base), SPEC)
+    floats = tuple(fell.summary["fallback"]["float_layers"])
+    assert floats and len(floats) < 4
+    direct = quantize_model(bundled, calib, QuantConfig(skip=floats, **base), SPEC)
+    x = np.load(bundled_calib_data)["input"][64:96]
+    np.testing.assert_array_equal(_predict(fell.mod, x), _predict(direct.mod, x))
+
+
+def _predict(mod, x):
+    import tvm
+    from tvm import relax
+
+    from qcompile.pipeline import compile_relax
+
+    vm = relax.VirtualMachine(compile_relax(mod, SPEC), tvm.cpu())
+    return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy()
+                           for i in range(len(x))])

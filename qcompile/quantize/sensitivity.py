@@ -158,8 +158,15 @@ def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
     onnx_model = getattr(imported, "onnx_model", None)
     base_skip = tuple(config.skip)
 
+    # a plan rebuilt from the float module has the model's own biases: carry over the
+    # bias-corrected ones of the quantized layers (realize reads the plan's biases)
+    corrected = {l.name: l.bias for l in result.plan.quantized()}
+
     def build(skip):
         plan = build_plan(result.float_mod, onnx_model, skip=skip, ops=config.ops)
+        for layer in plan.quantized():
+            if layer.name in corrected:
+                layer.bias = corrected[layer.name]
         missing = [r for r in plan.roots if r not in result.qparams]
         if missing:
             raise RuntimeError(f"fallback: no calibrated range for {[v.name for v in missing]}")
