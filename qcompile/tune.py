@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TuningError
+from .tune_verify import kernel_wins
 
 DB_WORKLOAD = "database_workload.json"
 DB_RECORD = "database_tuning_record.json"
@@ -415,6 +416,8 @@ def _drop_slower_than_default(db, baselines: dict, report: "DatabaseReport",
             # trial since): that side-by-side alone decides. Standalone baselines are
             # not mixed in, they were measured another way.
             best, base = v["best_us"], v["default_us"]
+            if not kernel_wins(v):  # lost, won by noise only, or slowed the whole model
+                best = base
         elif v.get("best_us") is not None and v.get("default_us") is not None \
                 and not v.get("in_model"):
             # Conservative on a noisy machine: the re-timed best record against the
@@ -1190,8 +1193,9 @@ def _verify(mod, spec, target, tasks, summaries, log_dir: Path, database, builde
                                                               time.gmtime())}
     _write_meta(log_dir, update)
     wins = sorted((v["default_us"] / v["best_us"], k) for k, v in verified.items()
-                  if v["best_us"] is not None and v["default_us"] is not None
-                  and v["best_us"] < v["default_us"])
+                  if (kernel_wins(v) if in_model else
+                      v["best_us"] is not None and v["default_us"] is not None
+                      and v["best_us"] < v["default_us"]))
     how = "inside the compiled model" if in_model else "standalone"
     say(f"[tune] best records re-timed next to the default schedules ({how}) in "
         f"{time.monotonic() - t1:.0f}s: {len(wins)} of {len(verified)} beat the default "
@@ -1221,7 +1225,7 @@ def verify(mod, spec, log_dir, *, progress: bool = True, stream=None) -> dict:
         update["in_model_us"] = {**res["end_to_end"],
                                  "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_meta(log_dir, update)
-    wins = [k for k, v in res["kernels"].items() if v["best_us"] < v["default_us"]]
+    wins = [k for k, v in res["kernels"].items() if kernel_wins(v)]
     say(f"[tune] {len(wins)} of {len(res['kernels'])} kernel(s) faster with their best record "
         "than with the default schedule, timed in the model; compile applies only those")
     return res

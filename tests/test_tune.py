@@ -222,7 +222,13 @@ def test_verify_in_model_decides_what_compile_applies(tuned, log_copy):
     assert res["end_to_end"]["default_us"] > 0 and res["end_to_end"]["all_best_us"] > 0
     meta_path = log_copy / "qcompile_tune.json"
     assert json.loads(meta_path.read_text())["verified"][key] == v
-    expect = (1, 1) if v["best_us"] < v["default_us"] else (0, 1)
+    from qcompile.tune_verify import kernel_wins
+
+    # applied only if it won its kernel by the margin and, with the other winners, the model
+    expect = (1, 1) if kernel_wins(v) else (0, 1)
+    if v["best_us"] < v["default_us"] * 0.97:
+        assert "chosen_us" in res["end_to_end"]
+        assert v.get("model_slower", False) != res["end_to_end"]["chosen_applied"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert database_coverage(mod, spec, load_database(log_copy)) == expect
@@ -233,7 +239,16 @@ def test_verify_in_model_decides_what_compile_applies(tuned, log_copy):
     meta_path.write_text(json.dumps(meta))
     with pytest.warns(Warning, match="faster than the default"):
         assert database_coverage(mod, spec, load_database(log_copy)) == (0, 1)
+    # it won its kernel but slowed the model down: not applied either
+    meta["verified"][key].update(default_us=2.0, best_us=1.0, model_slower=True)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(Warning, match="faster than the default"):
+        assert database_coverage(mod, spec, load_database(log_copy)) == (0, 1)
+    meta["verified"][key].pop("model_slower")
+    meta_path.write_text(json.dumps(meta))
+    assert database_coverage(mod, spec, load_database(log_copy)) == (1, 1)
     # a faster record was logged after that timing (stale entry): it no longer decides
+    meta["verified"][key].update(default_us=1.0, best_us=2.0)
     meta["verified"][key]["best_trial_us"] = 10 * summary.tasks[0].best_us
     meta_path.write_text(json.dumps(meta))
     assert database_coverage(mod, spec, load_database(log_copy)) == (1, 1)
