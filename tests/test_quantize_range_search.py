@@ -190,3 +190,20 @@ def _predict(mod, x):
     vm = relax.VirtualMachine(compile_relax(mod, SPEC), tvm.cpu())
     return np.concatenate([vm["main"](tvm.runtime.tensor(x[i:i + 1])).numpy()
                            for i in range(len(x))])
+
+
+def test_cli_flags_reach_the_config():
+    import argparse
+
+    from qcompile.quantize.cli_options import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(
+        ["--act-range", "output", "--min-output-sqnr", "25", "--fallback-search", "bisect",
+         "--sensitivity", "local"]))
+    assert (config.act_range, config.min_output_sqnr, config.fallback_search,
+            config.sensitivity) == ("output", 25.0, "bisect", "local")
+    default = config_from_args(parser.parse_args([]))
+    assert (default.act_range, default.min_output_sqnr, default.fallback_search,
+            default.sensitivity) == ("observer", None, "greedy", "isolated")
