@@ -31,6 +31,7 @@ finally the kernel is left as it was: a rule that does not match never fails a b
 from __future__ import annotations
 
 import os
+import warnings
 
 from tvm import s_tir, tirx
 
@@ -929,14 +930,29 @@ def _dlight_rules():
     return [dl.cpu.GEMV(), dl.cpu.Reduction()]
 
 
+class ScheduleFallbackWarning(UserWarning):
+    """A packed conv/matmul kernel's default schedule failed; it got the generic one."""
+
+
 def schedule_func(func, target):
-    """The scheduled PrimFunc for ``func`` (or ``func`` itself when no rule applies)."""
+    """The scheduled PrimFunc for ``func`` (or ``func`` itself when no rule applies).
+
+    A packed kernel (annotated by the layout pass) whose default schedule raises falls
+    back to the generic rule, which runs but can be 10-100x slower: that is a bug in a
+    schedule, so it is reported (``ScheduleFallbackWarning``, the kernel and the error)
+    instead of passing silently; ``QCOMPILE_SCHEDULE_DEBUG=1`` raises it instead."""
     for rule in (apply_packed_rule, _apply_dlight, apply_generic_rule):
         try:
             sch = rule(func, target)
-        except Exception:  # noqa: BLE001 - a rule that does not fit: try the next
+        except Exception as exc:  # noqa: BLE001 - a rule that does not fit: try the next
             if os.environ.get("QCOMPILE_SCHEDULE_DEBUG"):
                 raise
+            if rule is apply_packed_rule:
+                name = func.attrs.get("global_symbol", "?") if func.attrs else "?"
+                warnings.warn(f"default schedule of packed kernel {name} failed "
+                              f"({type(exc).__name__}: {str(exc).strip()[:200]}); using the "
+                              "generic schedule (slow). Set QCOMPILE_SCHEDULE_DEBUG=1 for "
+                              "the traceback.", ScheduleFallbackWarning, stacklevel=2)
             sch = None
         if sch is not None:
             return sch.mod["main"]

@@ -56,3 +56,18 @@ def test_small_float_pointwise_keeps_tiled_schedule_and_parallel(target):
     tir = _scheduled_tir(conv_module((1, 576, 14, 14), w, 1, 0, bias=bias), target)
     assert "qcompile_tile" in tir, "the 1x1 conv fell off its tiled schedule"
     assert "T.parallel(" in tir
+
+
+def test_a_failing_default_schedule_is_reported_not_silent(monkeypatch):
+    """A packed kernel whose default schedule raises still compiles (generic schedule), but
+    with a ScheduleFallbackWarning naming the error."""
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("tile does not divide")
+
+    monkeypatch.setattr(cpu, "schedule_conv2d_packed", broken)
+    monkeypatch.delenv("QCOMPILE_SCHEDULE_DEBUG", raising=False)
+    w = RNG.standard_normal((32, 16, 1, 1)).astype("float32")
+    bias = RNG.standard_normal((1, 32, 1, 1)).astype("float32")
+    with pytest.warns(cpu.ScheduleFallbackWarning, match="tile does not divide"):
+        tir = _scheduled_tir(conv_module((1, 16, 14, 14), w, 1, 0, bias=bias), "x86_64-avx2")
+    assert "qcompile_tile" not in tir
