@@ -357,3 +357,12 @@ def test_concat_of_quantized_branches_runs_on_int8(tmp_path):
     feeds = random_inputs(model, seed=50)
     got = run_vm(vm_for(result.mod), feeds["input"])
     assert _sqnr(run_onnxruntime(model, feeds)[0], got) > 25
+
+
+@pytest.mark.parametrize("field", ["fallback_search", "sensitivity", "weight_scale",
+                                   "weight_rounding", "act_range", "requant"])
+def test_quant_config_rejects_an_unknown_choice(field):
+    from qcompile.errors import InputError
+
+    with pytest.raises(InputError, match=rf"must be one of .*got 'no-such-choice'"):
+        QuantConfig(**{field: "no-such-choice"})

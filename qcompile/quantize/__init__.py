@@ -43,6 +43,11 @@ __all__ = ["QuantConfig", "QuantResult", "quantize_model", "load_calibration", "
            "build_plan", "calibrate", "realize", "METHODS"]
 
 
+def _check_choice(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise InputError(f"{what} must be one of {', '.join(allowed)}, got '{value}'")
+
+
 @dataclass
 class QuantConfig:
     """How to quantize. Defaults: MSE-optimal ranges, per-channel symmetric int8 weights,
@@ -130,12 +135,8 @@ class QuantConfig:
             raise InputError(f"--percentile must be in (50, 100], got {self.percentile}")
         if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
             raise InputError("--max-accuracy-drop must be >= 0")
-        if self.fallback_search not in ("greedy", "bisect"):
-            raise InputError(f"fallback search must be greedy or bisect, got "
-                             f"'{self.fallback_search}'")
-        if self.sensitivity not in ("isolated", "local"):
-            raise InputError(f"sensitivity must be isolated or local, got "
-                             f"'{self.sensitivity}'")
+        _check_choice("fallback search", self.fallback_search, ("greedy", "bisect"))
+        _check_choice("sensitivity", self.sensitivity, ("isolated", "local"))
         if self.equalize is True:
             self.equalize = "weights"
         if self.equalize in (False, "none", ""):
@@ -143,17 +144,10 @@ class QuantConfig:
         if self.equalize not in (None, "weights", "activations"):
             raise InputError(f"equalize must be weights, activations or none, got "
                              f"'{self.equalize}'")
-        if self.weight_scale not in WEIGHT_SCALES:
-            raise InputError(f"weight scale must be one of {', '.join(WEIGHT_SCALES)}, got "
-                             f"'{self.weight_scale}'")
-        if self.weight_rounding not in ("nearest", "gptq"):
-            raise InputError(f"weight rounding must be nearest or gptq, got "
-                             f"'{self.weight_rounding}'")
-        if self.act_range not in ("observer", "output"):
-            raise InputError(f"activation range must be observer or output, got "
-                             f"'{self.act_range}'")
-        if self.requant not in ("float", "fixed"):
-            raise InputError(f"requantize mode must be float or fixed, got '{self.requant}'")
+        _check_choice("weight scale", self.weight_scale, WEIGHT_SCALES)
+        _check_choice("weight rounding", self.weight_rounding, ("nearest", "gptq"))
+        _check_choice("activation range", self.act_range, ("observer", "output"))
+        _check_choice("requantize mode", self.requant, ("float", "fixed"))
         bad = [o for o in self.ops if o not in ("conv2d", "matmul")]
         if bad:
             raise InputError(f"cannot quantize ops {bad}; supported: conv2d, matmul")
