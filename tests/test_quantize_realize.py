@@ -365,4 +365,4 @@ def test_quant_config_rejects_an_unknown_choice(field):
     from qcompile.errors import InputError
 
     with pytest.raises(InputError, match=rf"must be one of .*got 'no-such-choice'"):
-        QuantConfig(**{field: "no-such-choice"})
+        QuantConfig(**{field: "no-such-choice"}).validate()
