@@ -170,7 +170,8 @@ def profile(model_name, int8, target_name, repeat):
     return {"model": model_name, "int8": int8, "target": target_name,
             "compile_s": compile_s, "e2e_ms": float(np.median(e2e)),
             "kernel_sum_ms": total,
-            "kernel_cold_sum_ms": sum(r["cold_ms"] * r["calls"] for r in out), "in_model_sum_ms": sum(r["in_model_ms"] for r in out),
+            "kernel_cold_sum_ms": sum(r["cold_ms"] * r["calls"] for r in out),
+            "in_model_sum_ms": sum(r["in_model_ms"] for r in out),
             "builtin_ms": builtin_ms, "kernels": out}
 
 

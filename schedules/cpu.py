@@ -64,7 +64,9 @@ AVX2_TW_2VEC = 4
 # quiet machine) -- its depthwise and 7x7/14x14 1x1 convs were single-threaded at 4M --
 # for 15.4 -> 16.0 ms at 1 thread; ResNet-18 unchanged. Kernels over 8-bit data keep 4M:
 # their parallel form measured much slower at 1 thread (MobileNetV2 int8 10.4 -> 13-14.5
-# ms: the stride-2 depthwise and the 1x1 convs with a repack stage inside the loop).
+# ms: the stride-2 depthwise and the 1x1 convs with a repack stage inside the loop; the
+# stride-1 depthwise alone: 7.9 -> 9.3 ms at 1 thread, 7.8 -> 7.1 ms at 2, also with the
+# process pinned to one core -- TVM's parallel launch, not the kernel code).
 MIN_PARALLEL_WORK = 1 << 22
 MIN_PARALLEL_WORK_FLOAT = 1 << 16
 # elementwise nests (padding, leftover epilogues): one iteration is one element
