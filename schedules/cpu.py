@@ -65,8 +65,9 @@ AVX2_TW_2VEC = 4
 # for 15.4 -> 16.0 ms at 1 thread; ResNet-18 unchanged. Kernels over 8-bit data keep 4M:
 # their parallel form measured much slower at 1 thread (MobileNetV2 int8 10.4 -> 13-14.5
 # ms: the stride-2 depthwise and the 1x1 convs with a repack stage inside the loop; the
-# stride-1 depthwise alone: 7.9 -> 9.3 ms at 1 thread, 7.8 -> 7.1 ms at 2, also with the
-# process pinned to one core -- TVM's parallel launch, not the kernel code).
+# stride-1 depthwise alone: 7.9 -> 9.3 ms at 1 thread, 7.8 -> 7.1 ms at 2. Cause not
+# found: at 1 thread TVM runs the parallel loop inline (no worker thread is created) and
+# one such kernel timed by itself is only 5 % slower in its parallel form).
 MIN_PARALLEL_WORK = 1 << 22
 MIN_PARALLEL_WORK_FLOAT = 1 << 16
 # elementwise nests (padding, leftover epilogues): one iteration is one element
