@@ -64,10 +64,9 @@ AVX2_TW_2VEC = 4
 # quiet machine) -- its depthwise and 7x7/14x14 1x1 convs were single-threaded at 4M --
 # for 15.4 -> 16.0 ms at 1 thread; ResNet-18 unchanged. Kernels over 8-bit data keep 4M:
 # their parallel form measured much slower at 1 thread (MobileNetV2 int8 10.4 -> 13-14.5
-# ms: the stride-2 depthwise and the 1x1 convs with a repack stage inside the loop; the
-# stride-1 depthwise alone: 7.9 -> 9.3 ms at 1 thread, 7.8 -> 7.1 ms at 2. Cause not
-# found: at 1 thread TVM runs the parallel loop inline (no worker thread is created) and
-# one such kernel timed by itself is only 5 % slower in its parallel form).
+# ms: the stride-2 depthwise and the 1x1 convs with a repack stage inside the loop; cause
+# not found: at 1 thread TVM runs the parallel loop inline, no worker thread is created).
+# Exception: stride-1 depthwise rows (schedule_conv2d_dw_pixels).
 MIN_PARALLEL_WORK = 1 << 22
 MIN_PARALLEL_WORK_FLOAT = 1 << 16
 # elementwise nests (padding, leftover epilogues): one iteration is one element
@@ -742,7 +741,10 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
     _vector_split(sch, sch.get_loops(wb)[-1], tw)
     pl = sch.get_loops(pack)
     _schedule_pad_copy(sch, pack, pl[2], vec_width)
-    if _big_enough(sch, block):
+    # stride-1 rows split from the float threshold for 8-bit data too: MobileNetV2 int8 at
+    # 2 threads 7.84 -> 7.26, 8.44 -> 7.10 ms; at 1 thread within noise (+4, -4, -7 %)
+    if _work(sch, block) >= (MIN_PARALLEL_WORK_FLOAT if stride == 1
+                             else _min_parallel_work(sch, block)):
         sch.parallel(sch.fuse(b, o))
     sch.vectorize(ji)
     sch.unroll(rw)

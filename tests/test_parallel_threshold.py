@@ -1,5 +1,5 @@
 """Which kernels run in parallel (``schedules.cpu``: float from 64K loop iterations,
-8-bit kernels from 4M), and that the threshold check itself never knocks a kernel off
+8-bit kernels from 4M except stride-1 depthwise rows), and that the threshold check itself never knocks a kernel off
 its tiled schedule (a failure inside a schedule rule falls back to the generic rule
 silently: a 14x14 1x1 conv once ran 100x slower that way)."""
 
@@ -39,6 +39,14 @@ def test_float_depthwise_between_thresholds_runs_parallel(target):
     tir = _scheduled_tir(_dw_case("float32"), target)
     assert "qcompile_tile" in tir, "the depthwise kernel fell off its tiled schedule"
     assert "T.parallel(" in tir
+
+
+@pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
+def test_int8_stride1_depthwise_runs_parallel_from_the_float_threshold(target):
+    """Stride-1 int8 depthwise rows (96 ch 28x28: 677K iterations) are the exception."""
+    w = RNG.integers(-127, 128, (96, 1, 3, 3)).astype("int8")
+    tir = _scheduled_tir(_dw_module((1, 96, 28, 28), w, 1, 1, 1, "uint8", None), target)
+    assert "dw_pixels" in tir and "T.parallel(" in tir
 
 
 @pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
