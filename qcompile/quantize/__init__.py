@@ -482,19 +482,14 @@ def correct_biases(plan, means: dict, per_channel: bool, reduce_range: bool,
     ``dW . E[x]`` on average (per output channel); that is subtracted from the
     bias (conv: summed over the kernel window and the channels of the group).
     """
-    from .realize import quantize_weight
+    from .realize import dequantized_weight
 
     for layer in plan.quantized():
         mean = means.get(layer.input_var)
         if mean is None:
             continue
-        axis = 0 if layer.kind == "conv2d" else 1
-        given = weights(layer, axis) if weights is not None else None
-        q_w, s_w = given if given is not None else \
-            quantize_weight(layer.weight, axis, per_channel, reduce_range, weight_scale)
-        shape = [1] * layer.weight.ndim
-        shape[axis] = len(s_w)
-        delta = q_w.astype(np.float64) * s_w.reshape(shape) - layer.weight.astype(np.float64)
+        delta = (dequantized_weight(layer, weights, per_channel, reduce_range, weight_scale)
+                 - layer.weight.astype(np.float64))
         if layer.kind == "conv2d":
             out_c, in_per_group = delta.shape[:2]
             groups = int(layer.call.attrs.groups)
@@ -506,7 +501,7 @@ def correct_biases(plan, means: dict, per_channel: bool, reduce_range: bool,
                 shift[o] = np.sum(delta[o].sum(axis=(1, 2)) * m)
         else:
             shift = mean @ delta  # [K] x [K, N]
-        base = layer.bias if layer.bias is not None else np.zeros(len(s_w))
+        base = layer.bias if layer.bias is not None else np.zeros(len(shift))
         layer.bias = base - shift
 
 

@@ -64,41 +64,36 @@ def _matmul_rows(samples, rows: int, rng) -> np.ndarray:
     return flat[pick][:, None, :]
 
 
+def _grouped(weight, groups: int) -> np.ndarray:
+    """A layer's weight as float32 [groups, K, out per group]: a matmul's [K, out] gets a
+    unit group axis, a conv's OIHW is split by group and transposed."""
+    if np.ndim(weight) == 2:
+        return np.asarray(weight, np.float32)[None]
+    out_c = weight.shape[0]
+    return np.ascontiguousarray(
+        weight.reshape(groups, out_c // groups, -1).transpose(0, 2, 1), np.float32)
+
+
 class _Consumer:
     """One layer that reads a root: its sampled input rows and grouped weight."""
 
     def __init__(self, layer, samples, rows, rng):
         if layer.kind == "conv2d":
             self.rows = _conv_rows(samples, layer.weight.shape, layer.call.attrs, rows, rng)
-            groups = self.rows.shape[1]
-            out_c = layer.weight.shape[0]
-            # [groups, K, out per group]
-            self.weight = np.ascontiguousarray(
-                layer.weight.reshape(groups, out_c // groups, -1).transpose(0, 2, 1),
-                np.float32)
         else:
             self.rows = _matmul_rows(samples, rows, rng)
-            self.weight = np.asarray(layer.weight, np.float32)[None]
+        self.weight = _grouped(layer.weight, self.rows.shape[1])
         signal = self._output(self.rows)
         self.power = float(np.sum(signal.astype(np.float64) ** 2)) or 1.0
 
     def _output(self, rows):
         return np.matmul(rows.transpose(1, 0, 2), self.weight)  # [groups, R, out]
 
-    def grouped(self, weight) -> np.ndarray:
-        """A weight of the layer's own shape in this consumer's [groups, K, out] layout."""
-        if self.weight.shape[0] == 1 and np.ndim(weight) == 2:
-            return np.asarray(weight, np.float32)[None]
-        groups = self.weight.shape[0]
-        out_c = weight.shape[0]
-        return np.ascontiguousarray(
-            weight.reshape(groups, out_c // groups, -1).transpose(0, 2, 1), np.float32)
-
     def local_sqnr(self, params, dequantized_weight) -> float:
         """SQNR (dB) of this layer's output with its input on the grid ``params`` and its
         weight replaced by ``dequantized_weight``, vs float (the layer alone)."""
         out = np.matmul(_fake_quant(self.rows, params).transpose(1, 0, 2),
-                        self.grouped(dequantized_weight))
+                        _grouped(dequantized_weight, self.weight.shape[0]))
         err = float(np.sum((out - self._output(self.rows)).astype(np.float64) ** 2))
         return float("inf") if err == 0 else float(10 * np.log10(self.power / err))
 

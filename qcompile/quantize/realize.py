@@ -160,6 +160,19 @@ def quantize_weight(weight: np.ndarray, axis: int, per_channel: bool = True,
     return q, scale
 
 
+def dequantized_weight(layer, weights=None, per_channel: bool = True,
+                       reduce_range: bool = False, weight_scale: str = "minmax") -> np.ndarray:
+    """The float64 weight ``layer`` computes with once int8: the codes and scales of
+    ``weights(layer, axis)`` (gptq, a QDQ model's own) or of :func:`quantize_weight`."""
+    axis = 0 if layer.kind == "conv2d" else 1
+    given = weights(layer, axis) if weights is not None else None
+    q, scale = given if given is not None else quantize_weight(
+        layer.weight, axis, per_channel, reduce_range, weight_scale)
+    shape = [1] * layer.weight.ndim
+    shape[axis] = len(scale)
+    return q.astype(np.float64) * np.asarray(scale).reshape(shape)
+
+
 def _float_activation(bb, y, activation):
     """``y`` with a layer's fused activation applied in float (``("relu",)`` or
     ``("clip", lo, hi)``; ``None``: as is)."""

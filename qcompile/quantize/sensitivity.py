@@ -111,20 +111,14 @@ def local_sensitivity(plan, samples: dict, qparams: dict, weights, per_channel=T
     build per layer; does not see how the error propagates to the model output).
     ``weights(layer, axis)`` gives (int8 codes, scales) or None for nearest rounding."""
     from .range_search import ROWS, _Consumer
-    from .realize import quantize_weight
+    from .realize import dequantized_weight
 
     rng = np.random.default_rng(0)
     out = []
     for layer in plan.quantized():
         if not samples.get(layer.input_var):
             continue
-        axis = 0 if layer.kind == "conv2d" else 1
-        given = weights(layer, axis) if weights is not None else None
-        q, scale = given if given is not None else quantize_weight(
-            layer.weight, axis, per_channel, reduce_range, weight_scale)
-        shape = [1] * layer.weight.ndim
-        shape[axis] = len(scale)
-        dequant = q.astype(np.float64) * np.asarray(scale).reshape(shape)
+        dequant = dequantized_weight(layer, weights, per_channel, reduce_range, weight_scale)
         consumer = _Consumer(layer, samples[layer.input_var], ROWS, rng)
         params = qparams[plan.params_root(layer.root)]
         out.append((consumer.local_sqnr(params, dequant), layer.name))
@@ -209,7 +203,6 @@ def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
     ranking = []
     if not ok and quantized and config.sensitivity == "local":
         ranking = [item for item in (result.local_sensitivity or []) if item[1] in quantized]
-        ranking.sort(key=lambda item: (item[0] if item[0] != float("inf") else 1e9))
     elif not ok and quantized:
         # isolated sensitivity on (at most) the first 64 samples of the evaluation data
         subset, count = [], 0
@@ -227,7 +220,7 @@ def fallback_search(result, imported, data, config, spec, reduce_range) -> None:
             _plan, mod, _rec = build(base_skip + others)
             ranking.append((layer_sqnr([ref_small], [outputs(mod, subset)])[0] or 0.0, name))
             compiled.clear()  # one executable per layer: keep memory flat
-        ranking.sort(key=lambda item: (item[0] if item[0] != float("inf") else 1e9))
+    ranking.sort(key=lambda item: (item[0] if item[0] != float("inf") else 1e9))  # worst first
     order = [name for _s, name in ranking]
     isolated = dict((name, s) for s, name in ranking)
 
