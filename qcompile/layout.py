@@ -209,25 +209,24 @@ def conv2d_packed_float(x, wp, out_channels, stride, pad, dil, lanes, out_dtype)
 def conv2d_packed_int8(x, wp, comp, out_channels, stride, pad, dil, lanes, shift, act_dtype,
                        intrin):
     """NCHW int8 conv2d: activation repacked to [N, C/4, H, W, 4] in-kernel, weights
-    [O/L, C/4, KH, KW, L, 4]; int32 result minus ``comp[o]`` when ``shift`` != 0."""
+    [O/L, C/4, KH, KW, L, 4]; int32 result minus ``comp[o]`` when ``shift`` != 0.
+
+    Computed over the weight's padded output channels, except where the schedule will use
+    the pixel-vector kernel (channels are not its vector axis): there over the exact ones."""
     from tvm import te, tirx
+
+    from qcompile.schedules.cpu import int8_pixel_tile_fits
 
     n, c, h, w = (int(v) for v in x.shape)
     _, cb, kh, kw, _, _ = (int(v) for v in wp.shape)
     oh, ow = _out_hw(h, w, kh, kw, stride, pad, dil)
     op = int(wp.shape[0]) * lanes
+    if int8_pixel_tile_fits(intrin, ow, (kh, kw), stride[1]):
+        op = out_channels
     pt, pl, pb, pr = pad
 
-    def _xval(b, cc, i, j, c4):
-        ch = cc * 4 + c4
-        valid = tirx.all(i >= pt, i < h + pt, j >= pl, j < w + pl, ch < c)
-        v = tirx.if_then_else(valid, x[b, tirx.min(ch, c - 1), i - pt, j - pl].astype("int32"),
-                              tirx.const(0, "int32"))
-        if shift:
-            v = v + shift
-        return v.astype(act_dtype)
-
-    xp = te.compute((n, cb, h + pt + pb, w + pl + pr, 4), _xval, name="pack_nchw4c")
+    xp = te.compute((n, cb, h + pt + pb, w + pl + pr, 4),
+                    _nchw4c_value(x, pad, shift, act_dtype), name=PACK_NCHW4C)
     rc = te.reduce_axis((0, cb), "rc")
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
@@ -244,6 +243,38 @@ def conv2d_packed_int8(x, wp, comp, out_channels, stride, pad, dil, lanes, shift
         return conv
     return _conv_output(conv, comp, (n, out_channels, oh, ow))
 
+
+
+# Name of the int8 conv's activation repack stage ([N, C, H, W] -> [N, C/4, H', W', 4]).
+PACK_NCHW4C = "pack_nchw4c"
+
+
+def _nchw4c_value(x, pad, shift: int, act_dtype: str):
+    """The repack's element (b, cc, i, j, c4): input channel 4*cc + c4 at the padded pixel
+    (i, j), plus ``shift``. Written as the plain padding pattern -- if_then_else(bounds,
+    value, constant), no bounds test where nothing is padded -- so the schedule can split it
+    into a zero fill and an unpredicated interleaving copy (``schedules.cpu``), which LLVM
+    vectorizes: with a bounds test on every element it ran at 1-3 GB/s."""
+    from tvm import tirx
+
+    n, c, h, w = (int(v) for v in x.shape)
+    pt, pl, _pb, _pr = pad
+
+    def value(b, cc, i, j, c4):
+        ch = cc * 4 + c4
+        bounds = []
+        if any(pad):
+            bounds += [i >= pt, i < h + pt, j >= pl, j < w + pl]
+        if c % 4:
+            bounds.append(ch < c)
+            ch = tirx.min(ch, c - 1)
+        v = x[b, ch, i - pt, j - pl]
+        v = (v.astype("int32") + shift).astype(act_dtype) if shift else v.astype(act_dtype)
+        if not bounds:
+            return v
+        return tirx.if_then_else(tirx.all(*bounds), v, tirx.const(shift, act_dtype))
+
+    return value
 
 
 def _conv_output(conv, comp, shape):

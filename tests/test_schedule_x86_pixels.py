@@ -117,6 +117,59 @@ def test_int8_pixel_tile_not_used_where_it_cannot_be_exact():
         np.testing.assert_array_equal(got, _np_int8(x, w, stride, 0, 1, bias, scale))
 
 
+def _block(tir: str, name: str) -> str:
+    """The TVMScript of block ``name`` (from its ``with`` line to the next block)."""
+    start = tir.index(f'T.sblock("{name}")')
+    end = tir.find("T.sblock(", start + 1)
+    return tir[start:end if end > 0 else len(tir)]
+
+
+def test_int8_pixel_conv_computes_exact_output_channels():
+    """24 output channels (not a multiple of the 16-lane weight tile): the pixel kernel
+    computes exactly 24, with no slice stage, so the requantize epilogue is fused into the
+    tile's write-back instead of running as separate passes over the output (measured
+    144->24 ch at 56x56, 1 thread: about 2x faster). The channel kernel (stride 2) still
+    pads."""
+    rng = np.random.default_rng(14)
+    w = rng.integers(-64, 64, (24, 16, 1, 1)).astype(np.int8)
+    bias = rng.integers(-500, 500, (1, 24, 1, 1)).astype(np.int32)
+    scale = np.full((1, 24, 1, 1), 0.03, np.float32)
+    force = _runnable("avx512-vnni")
+    target = _target_for(force)
+    pixel = _scheduled_tir(_conv_int8_module((1, 16, 3, 32), w, 1, 0, 1, "uint8", bias, scale),
+                           target, force)
+    assert "int8_pixels" in pixel
+    assert "conv2d_slice" not in pixel
+    assert 'T.sblock("T_add")' not in pixel, "epilogue left unfused"
+    channel = _scheduled_tir(_conv_int8_module((1, 16, 6, 32), w, 2, 0, 1, "uint8", bias, scale),
+                             target, force)
+    assert "int8_pixels" not in channel and "conv2d_slice" in channel
+
+
+def test_int8_activation_repack_is_a_plain_interleave():
+    """The int8 conv's [N, C, H, W] -> [N, C/4, H, W, 4] repack: no bounds test where
+    nothing is padded, the 4 channels unrolled (LLVM vectorizes the pixel loop into
+    interleaving shuffles; TVM's 4-lane vectorize gathered byte by byte, ~6x slower); with
+    padding, a separate zero fill and an unpredicated copy."""
+    rng = np.random.default_rng(15)
+    bias = np.zeros((1, 16, 1, 1), np.int32)
+    scale = np.full((1, 16, 1, 1), 0.05, np.float32)
+    force = _runnable("avx512-vnni")
+    target = _target_for(force)
+    for k, pad in ((1, 0), (3, 1)):
+        w = rng.integers(-64, 64, (16, 8, k, k)).astype(np.int8)
+        mod = _conv_int8_module((1, 8, 6, 32), w, 1, pad, 1, "uint8", bias, scale)
+        tir = _scheduled_tir(mod, target, force)
+        copy = _block(tir, "pack_nchw4c")
+        assert "if_then_else" not in copy
+        c4_loop = tir[:tir.index('T.sblock("pack_nchw4c")')].rsplit("for ", 1)[1]
+        assert "T.unroll(" in c4_loop and "T.vectorized(" not in c4_loop, c4_loop
+        assert ('T.sblock("pack_nchw4c_pad_const")' in tir) == bool(pad)
+        x = rng.integers(0, 256, (1, 8, 6, 32)).astype(np.uint8)
+        got = _run(_compile(mod, target, force), x)
+        np.testing.assert_array_equal(got, _np_int8(x, w, 1, pad, 1, bias, scale))
+
+
 def test_pixel_intrinsic_instructions():
     """The pixel tiles carry the intended instruction: vpdpbusd (zmm and ymm forms) for
     VNNI, vpmaddubsw for AVX2 (compile only)."""
