@@ -59,16 +59,15 @@ AVX2_TW_2VEC = 4
 
 # A nest with less work than this (iterations of its loops, all levels) runs on one thread:
 # a parallel launch costs microseconds, and on a loaded machine waiting for a descheduled
-# worker costs milliseconds. Float conv/matmul kernels split from 64K iterations:
-# MobileNetV2 fp32 at 2 threads 11.15 -> 9.14 ms (ORT 6.67; in-process interleaved A/B,
-# quiet machine) -- its depthwise and 7x7/14x14 1x1 convs were single-threaded at 4M --
-# for 15.4 -> 16.0 ms at 1 thread; ResNet-18 unchanged. Kernels over 8-bit data keep 4M:
-# their parallel form measured much slower at 1 thread (MobileNetV2 int8 10.4 -> 13-14.5
-# ms: the stride-2 depthwise and the 1x1 convs with a repack stage inside the loop; cause
-# not found: at 1 thread TVM runs the parallel loop inline, no worker thread is created).
-# Exception: stride-1 depthwise rows (schedule_conv2d_dw_pixels).
-MIN_PARALLEL_WORK = 1 << 22
-MIN_PARALLEL_WORK_FLOAT = 1 << 16
+# worker costs milliseconds. conv/matmul kernels split from 64K iterations: MobileNetV2
+# fp32 at 2 threads 11.15 -> 9.14 ms (its depthwise and 7x7/14x14 1x1 convs were
+# single-threaded at 4M). 8-bit kernels kept 4M while their parallel form ran much slower
+# even at 1 thread: LLVM compiled the predicated stride-2 depthwise padding copy worse
+# inside the outlined parallel body (1.39 vs 0.80 ms for 96 ch 112x112; fixed in
+# ``_schedule_pad_copy``). Since then, in-process A/B of 4M vs 64K for 8-bit kernels:
+# MobileNetV2 int8 5.80 -> 5.35 ms at 2 threads, 9.16 -> 9.27 at 1; ResNet-18 int8
+# 8.54 -> 8.09 at 2, 12.32 -> 13.08 at 1 (2 threads is the deployment default here).
+MIN_PARALLEL_WORK = 1 << 16
 # elementwise nests (padding, leftover epilogues): one iteration is one element
 SPATIAL_MIN_PARALLEL_WORK = 1 << 19
 
@@ -81,20 +80,8 @@ def _work(sch, block) -> int:
     return total
 
 
-def _reads_eight_bit(sch, block, depth: int = 3) -> bool:
-    """Whether ``block`` or one of its producers (``depth`` levels up) reads 8-bit data."""
-    if any(str(region.source.dtype) in ("int8", "uint8") for region in sch.get(block).reads):
-        return True
-    return depth > 0 and any(_reads_eight_bit(sch, p, depth - 1)
-                             for p in sch.get_producers(block))
-
-
-def _min_parallel_work(sch, block) -> int:
-    return MIN_PARALLEL_WORK if _reads_eight_bit(sch, block) else MIN_PARALLEL_WORK_FLOAT
-
-
 def _big_enough(sch, block) -> bool:
-    return _work(sch, block) >= _min_parallel_work(sch, block)
+    return _work(sch, block) >= MIN_PARALLEL_WORK
 
 
 def _parallel(sch, block, loops):
@@ -741,6 +728,13 @@ def _schedule_pad_copy(sch, pack, loop, vec_width: int):
         fill = sch.decompose_padding(pack, loop)
     except Exception:  # noqa: BLE001 - not the plain padding pattern: one nest, predicated
         fill = None
+    lps = sch.get_loops(pack)
+    if fill is None and len(lps) >= 2 and _extent(sch, lps[-2]) == 2:
+        # the stride-2 plane split into even/odd columns ([..., H, 2, W/2]): with the
+        # parity innermost and unrolled, each step reads two adjacent input columns
+        sch.reorder(lps[-1], lps[-2])
+        sch.unroll(lps[-2])
+        return
     for blk in ([fill] if fill is not None else []) + [pack]:
         lps = sch.get_loops(blk)
         if lps:
@@ -802,10 +796,7 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
     _vector_split(sch, sch.get_loops(wb)[-1], tw)
     pl = sch.get_loops(pack)
     _schedule_pad_copy(sch, pack, pl[2], vec_width)
-    # stride-1 rows split from the float threshold for 8-bit data too: MobileNetV2 int8 at
-    # 2 threads 7.84 -> 7.26, 8.44 -> 7.10 ms; at 1 thread within noise (+4, -4, -7 %)
-    if _work(sch, block) >= (MIN_PARALLEL_WORK_FLOAT if stride == 1
-                             else _min_parallel_work(sch, block)):
+    if _big_enough(sch, block):
         sch.parallel(sch.fuse(b, o))
     sch.vectorize(ji)
     sch.unroll(rw)

@@ -1,5 +1,5 @@
-"""Which kernels run in parallel (``schedules.cpu``: float from 64K loop iterations,
-8-bit kernels from 4M except stride-1 depthwise rows), and that the threshold check itself never knocks a kernel off
+"""Which kernels run in parallel (``schedules.cpu``: conv/matmul kernels, float and 8-bit,
+from 64K loop iterations), and that the threshold check itself never knocks a kernel off
 its tiled schedule (a failure inside a schedule rule falls back to the generic rule
 silently: a 14x14 1x1 conv once ran 100x slower that way)."""
 
@@ -20,8 +20,7 @@ RNG = np.random.default_rng(0)
 
 
 def _dw_case(x_dtype):
-    """Depthwise 96 channels, 56x56, stride 2: 96*28*28*9 = 677K iterations, between the
-    float and the 8-bit threshold."""
+    """Depthwise 96 channels, 56x56, stride 2: 96*28*28*9 = 677K iterations."""
     if x_dtype == "float32":
         w = RNG.standard_normal((96, 1, 3, 3)).astype("float32")
         return conv_module((1, 96, 56, 56), w, 2, 1, groups=96,
@@ -30,30 +29,31 @@ def _dw_case(x_dtype):
     return _dw_module((1, 96, 56, 56), w, 2, 1, 1, x_dtype, None)
 
 
-def test_thresholds_are_ordered():
-    assert cpu.MIN_PARALLEL_WORK_FLOAT < 96 * 28 * 28 * 9 < cpu.MIN_PARALLEL_WORK
+def test_threshold_splits_mobilenet_sized_kernels():
+    assert 96 * 7 * 7 * 9 < cpu.MIN_PARALLEL_WORK < 96 * 28 * 28 * 9
 
 
 @pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
-def test_float_depthwise_between_thresholds_runs_parallel(target):
-    tir = _scheduled_tir(_dw_case("float32"), target)
+@pytest.mark.parametrize("x_dtype", ["float32", "uint8"])
+def test_stride2_depthwise_runs_parallel(target, x_dtype):
+    tir = _scheduled_tir(_dw_case(x_dtype), target)
     assert "qcompile_tile" in tir, "the depthwise kernel fell off its tiled schedule"
     assert "T.parallel(" in tir
 
 
 @pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
-def test_int8_stride1_depthwise_runs_parallel_from_the_float_threshold(target):
-    """Stride-1 int8 depthwise rows (96 ch 28x28: 677K iterations) are the exception."""
+def test_int8_stride1_depthwise_runs_parallel(target):
     w = RNG.integers(-127, 128, (96, 1, 3, 3)).astype("int8")
     tir = _scheduled_tir(_dw_module((1, 96, 28, 28), w, 1, 1, 1, "uint8", None), target)
     assert "dw_pixels" in tir and "T.parallel(" in tir
 
 
 @pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
-def test_int8_depthwise_between_thresholds_stays_single_threaded(target):
-    tir = _scheduled_tir(_dw_case("uint8"), target)
-    assert "qcompile_tile" in tir, "the depthwise kernel fell off its tiled schedule"
-    assert "T.parallel(" not in tir
+def test_small_int8_depthwise_stays_single_threaded(target):
+    """96 ch at 7x7 (42K iterations): a parallel launch would cost more than it saves."""
+    w = RNG.integers(-127, 128, (96, 1, 3, 3)).astype("int8")
+    tir = _scheduled_tir(_dw_module((1, 96, 7, 7), w, 1, 1, 1, "uint8", None), target)
+    assert "conv2d_dw_packed" in tir and "T.parallel(" not in tir
 
 
 @pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
