@@ -86,6 +86,8 @@ def test_int8_depthwise_bit_exact(target, case, x_dtype):
     assert ("dw_pixels" in tir) == (ow >= 8), "row kernel chosen iff the row is >= 8 wide"
     if s == 2 and ow >= 8:
         assert ("dw_pixels_deinterleaved" in tir) == ((w_ + 2 * p) % 2 == 0)
+    if ow >= 8:  # two output rows per register tile where the height allows
+        assert ("_2rows" in tir) == (acc.shape[2] % 2 == 0)
     got = _run(_compile(mod, target), x)
     ref = np.clip(np.round((acc + bias).astype(np.float32) * scale), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(got, ref)
