@@ -13,6 +13,9 @@ Relax module -> fused TIR kernels -> scheduled kernels -> VM executable:
 
 from __future__ import annotations
 
+# x86: requantize rounding + clip + narrowing cast as one vcvtps2dq (schedules/rounding.py)
+REQUANT_LRINT = True
+
 
 def fuse_passes(target) -> list:
     from tvm import relax
@@ -23,10 +26,12 @@ def fuse_passes(target) -> list:
     except (ValueError, AttributeError):
         dispatch = []
     from qcompile.layout import layout_passes  # weight packing before legalization
+    from qcompile.schedules.rounding import rounding_passes
 
     return [
         *dispatch,
         *layout_passes(target),
+        *(rounding_passes(target) if REQUANT_LRINT else []),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),

@@ -1,0 +1,101 @@
+"""Requantize rounding on x86: ``astype(clip(round(v), lo, hi), int8|uint8)`` as one
+``vcvtps2dq`` instead of ``vroundps`` + ``vcvttps2dq``.
+
+Every int8 epilogue the quantizer emits ends with that chain. LLVM lowers ``round``
+(TVM's ``nearbyint``: half to even) to ``vroundps`` (2 uops, 8-cycle latency) and the
+narrowing cast to ``vcvttps2dq``; ``llvm.lrint`` rounds with the current mode (half to
+even, the default) in a single ``vcvtps2dq``. Clipping to integer bounds commutes with
+rounding, so the clip moves in front of the conversion, and the clipped int32 narrows
+exactly. The values equal the original chain's for every float input, NaN aside.
+
+``RequantRoundingPass()`` is a Relax pass run before LegalizeOps
+(``qcompile.pipeline.fuse_passes``, x86 targets only): it replaces the chain with one TE
+compute, which FuseOps fuses into the kernel epilogue like the ops it replaces.
+"""
+
+from __future__ import annotations
+
+_RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
+
+
+def _scalar(expr):
+    """The float value of a scalar constant / PrimValue clip bound, else None."""
+    from tvm import tirx
+
+    while not isinstance(expr, (int, float)):  # PrimValue -> IntImm / FloatImm -> number
+        if not isinstance(expr, (tirx.IntImm, tirx.FloatImm)) and not hasattr(expr, "value"):
+            return None
+        expr = expr.value
+    return float(expr)
+
+
+def lrint_clip_compute(v, lo: float, hi: float, dtype: str):
+    """``dtype(lrint(clip(v, lo, hi)))`` elementwise (TE)."""
+    from tvm import te, tirx
+
+    def elem(*idx):
+        x = tirx.max(tirx.min(v(*idx), tirx.const(hi, "float32")), tirx.const(lo, "float32"))
+        return tirx.Cast(dtype, tirx.call_llvm_pure_intrin("int32", "llvm.lrint", x))
+
+    return te.compute(v.shape, elem, name="requant_lrint")
+
+
+def _make_mutator():
+    from tvm import relax
+    from tvm.relax import expr_functor
+
+    @expr_functor.mutator
+    class _Rewriter(relax.PyExprMutator):
+        def _producer(self, expr, op_name):
+            """The ``op_name`` call computing ``expr`` (nested, or bound to a var)."""
+            bound = expr if isinstance(expr, relax.Call) else self.lookup_binding(expr)
+            if isinstance(bound, relax.Call) and getattr(bound.op, "name", None) == op_name:
+                return bound
+            return None
+
+        def visit_call_(self, orig):
+            call = super().visit_call_(orig)
+            if getattr(call.op, "name", None) != "relax.astype":
+                return call
+            dtype = str(call.attrs.dtype)
+            clip = self._producer(call.args[0], "relax.clip")
+            rnd = None if clip is None else self._producer(clip.args[0], "relax.round")
+            if dtype not in _RANGES or rnd is None:
+                return call
+            v = rnd.args[0]
+            lo, hi = _scalar(clip.args[1]), _scalar(clip.args[2])
+            if (lo is None or hi is None or str(v.ty.dtype) != "float32"
+                    or not _RANGES[dtype][0] <= lo <= hi <= _RANGES[dtype][1]
+                    or lo != int(lo) or hi != int(hi)):
+                return call
+            return self.builder_.call_te(lrint_clip_compute, v, lo, hi, dtype,
+                                         primfunc_name_hint="requant_lrint")
+
+    return _Rewriter
+
+
+def RequantRoundingPass():  # noqa: N802 - a pass constructor, named like TVM's
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name="qcompile.RequantRounding")
+    def _pass(mod, _ctx):
+        rewriter = _make_mutator()(mod)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        mod = rewriter.builder_.get()
+        return relax.transform.DeadCodeElimination()(mod)
+
+    return _pass
+
+
+def rounding_passes(target) -> list:
+    """The pass for x86 LLVM targets; [] elsewhere (unchecked there)."""
+    if target.kind.name != "llvm":
+        return []
+    import platform
+
+    triple = str(target.attrs.get("mtriple", "") or "")
+    arch = triple.split("-")[0] if triple else platform.machine()  # no triple: this host
+    return [RequantRoundingPass()] if arch in ("x86_64", "AMD64") else []
