@@ -213,7 +213,7 @@ def conv2d_packed_int8(x, wp, comp, out_channels, stride, pad, dil, lanes, shift
 
     Computed over the weight's padded output channels, except where the schedule will use
     the pixel-vector kernel (channels are not its vector axis): there over the exact ones."""
-    from tvm import te, tirx
+    from tvm import te
 
     from qcompile.schedules.cpu import int8_pixel_tile_fits
 
@@ -257,7 +257,7 @@ def _nchw4c_value(x, pad, shift: int, act_dtype: str):
     vectorizes: with a bounds test on every element it ran at 1-3 GB/s."""
     from tvm import tirx
 
-    n, c, h, w = (int(v) for v in x.shape)
+    _n, c, h, w = (int(v) for v in x.shape)
     pt, pl, _pb, _pr = pad
 
     def value(b, cc, i, j, c4):

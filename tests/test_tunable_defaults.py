@@ -47,13 +47,16 @@ def _samples(sch):
     return [inst for inst in sch.trace.insts if inst.kind.name.startswith("Sample")]
 
 
-def test_default_compile_takes_the_heuristic_decisions(int8_model):
+def test_default_compile_takes_the_heuristic_decisions(int8_model, monkeypatch):
+    """(Compared with padding decomposition off: tuning spaces never decompose, see
+    ``schedules.cpu.DECOMPOSE_PADDING``.)"""
     from tvm_ffi import structural_equal
 
     from qcompile.schedules import cpu
 
     _, spec, tasks = int8_model
     target = spec.tvm_target()
+    monkeypatch.setattr(cpu, "DECOMPOSE_PADDING", False)
     for task in tasks:
         func = task.dispatched[0]["main"]
         with target:
@@ -138,3 +141,12 @@ def test_design_space_per_kernel(int8_model):
     assert others and all(design_space(t, target) == "post-order-apply" for t in others)
     with pytest.raises(TuningError, match="unknown design space"):
         design_space(conv_tasks[0], target, "mine")
+
+
+def test_design_spaces_print_as_python(int8_model):
+    """MetaSchedule prints every design space's trace as Python when a task starts; a
+    trace TVM cannot print (DecomposePadding in TVM 0.27) fails the whole tuning run."""
+    _, spec, tasks = int8_model
+    for task in tasks:
+        for space in _spaces(task, spec):
+            assert space.trace.as_python()
