@@ -137,8 +137,10 @@ def test_shipped_log_records_are_found_by_compile_for_the_int8_model(bundled_mod
     tasks = extract_tasks(mod, spec)
     in_log = [t.task_name for t in tasks if db.has_workload(t.dispatched[0])]
     tuned, untuned = coverage_detail(mod, spec, db)
-    # trivially cheap kernels (a reshape) may have no successful record
-    assert len(in_log) >= len(tasks) - 1 and any("conv2d" in n for n in in_log)
+    # tune skips kernels under 3 % of the default end-to-end time (here the input
+    # quantize, the 10-wide final matmul and a reshape); every conv is in the log
+    assert len(in_log) >= len(tasks) - 3
+    assert {t.task_name for t in tasks if "conv2d" in t.task_name} <= set(in_log)
     assert set(in_log) <= set(tuned), f"records not applied by compile: {untuned}"
 
 
