@@ -983,11 +983,34 @@ def _vector_width(target) -> int:
     return 4
 
 
+GENERIC_INLINE = True
+
+
+def _inline_elementwise_chain(sch) -> bool:
+    """A kernel that is only a chain of elementwise blocks (the model-input quantize:
+    divide, round, add, clip, cast, pad) computed as one nest instead of one pass over
+    memory per op: every spatial block with consumers is inlined into them, provided
+    every root block is spatial (reductions keep their producers)."""
+    blocks = _root_blocks(sch)
+    if len(blocks) < 2 or not all(_is_spatial(sch, b) for b in blocks):
+        return False
+    changed = False
+    for blk in blocks:
+        if not sch.get_consumers(blk):
+            continue
+        try:
+            sch.compute_inline(blk)
+            changed = True
+        except Exception:  # noqa: BLE001 - not inlinable: it stays its own nest
+            continue
+    return changed
+
+
 def apply_generic_rule(func, target):
     """Parallelize + vectorize every root-level nest (spatial or reduction)."""
     sch = s_tir.Schedule(func)
     vec = _vector_width(target)
-    changed = False
+    changed = _inline_elementwise_chain(sch) if GENERIC_INLINE else False
     for blk in _root_blocks(sch):
         try:
             if _is_spatial(sch, blk):

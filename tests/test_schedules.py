@@ -382,3 +382,28 @@ def test_intrinsics_are_lazy_and_avoid_tvm_tensor_intrin():
     _, t_import, _, imported = line.split()
     assert imported == "False"
     assert float(t_import) < 10.0
+
+
+def test_elementwise_chain_runs_as_one_nest():
+    """The model-input quantize (divide, round, add, clip, cast, then the first conv's
+    pad) is one fill plus one vectorized copy nest, not one pass over memory per op, and
+    computes the same bytes as numpy."""
+    from test_schedule_x86_pixels import _scheduled_tir
+
+    x = relax.Var("x", relax.TensorType((1, 3, 20, 32), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            q = bb.emit(relax.op.round(relax.op.divide(x, relax.const(np.float32(0.05)))))
+            q = bb.emit(relax.op.clip(relax.op.add(q, relax.const(np.float32(124))), 0, 255))
+            q = bb.emit(relax.op.astype(q, "uint8"))
+            out = bb.emit_output(bb.emit(relax.op.nn.pad(q, [0, 0, 0, 0, 1, 1, 1, 1],
+                                                         pad_value=124.0)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    tir = _scheduled_tir(mod, HOST)
+    assert tir.count("T.sblock(") - tir.count('T.sblock("root")') == 2, tir
+    xv = np.random.default_rng(5).standard_normal((1, 3, 20, 32)).astype(np.float32) * 4
+    ref = np.clip(np.round(xv / np.float32(0.05)) + 124, 0, 255).astype(np.uint8)
+    ref = np.pad(ref, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=124)
+    np.testing.assert_array_equal(_run(_compile(mod), xv), ref)
