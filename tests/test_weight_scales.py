@@ -225,3 +225,17 @@ def test_gptq_lazy_batches_give_the_column_by_column_codes():
     got = gptq.round_with_compensation(w, scale, gram, 127)
     np.testing.assert_array_equal(got, want)
     assert (got != np.clip(np.round(w / scale[:, None]), -127, 127)).any()  # not just nearest
+
+
+def test_upper_cholesky_of_inverse_matches_the_explicit_inverse():
+    """GPTQ's factor of inv(H) without forming inv(H): the same U as cholesky(inv(H)).T."""
+    from qcompile.quantize.gptq import upper_cholesky_of_inverse
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((300, 64))
+    h = x.T @ x + 0.1 * np.eye(64)
+    u = upper_cholesky_of_inverse(h)
+    np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-9, atol=1e-12)
+    assert np.allclose(np.tril(u, -1), 0)
+    with pytest.raises(np.linalg.LinAlgError):
+        upper_cholesky_of_inverse(-np.eye(4))
