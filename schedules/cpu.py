@@ -35,7 +35,7 @@ import warnings
 
 from tvm import s_tir, tirx
 
-from qcompile.layout import INTRIN_ATTR, KERNEL_ATTR, LANES_ATTR
+from qcompile.layout import INTRIN_ATTR, KERNEL_ATTR, LANES_ATTR, PACK_NCHW4C
 
 # Scope of the per-tile accumulators. "global": a small constant-size global allocation
 # inside the parallel loop is lowered to a stack alloca (registers after LLVM's SROA);
@@ -284,8 +284,17 @@ def _same_write_shape(sch, a, b) -> bool:
     return dom(a) == dom(b)
 
 
-def _vec_factor(extent: int, width: int) -> int:
-    """Lanes for a loop of ``extent``: all of it when short, else a divisor <= width."""
+def _vec_factor(extent: int, width: int, pow2: bool = False) -> int:
+    """Lanes for a loop of ``extent``: all of it when short, else a divisor <= width.
+    ``pow2``: only a power of two (>= 4) dividing the extent, else 0 (leave the loop to
+    LLVM): a TVM vector of an odd lane count (14 for a 56-wide row) compiles element by
+    element; for the depthwise padding copies that measured MobileNetV2 int8 8.13 -> 7.65
+    ms at 2 threads, 9.96 -> 9.75 ms at 1 (in-process A/B)."""
+    if pow2:
+        lanes = width
+        while lanes >= 4 and extent % lanes:
+            lanes //= 2
+        return lanes if lanes >= 4 else 0
     if extent <= width:
         return extent
     for d in range(width, max(2, width // 4) - 1, -1):
@@ -294,11 +303,11 @@ def _vec_factor(extent: int, width: int) -> int:
     return 0
 
 
-def _vector_split(sch, loop, width: int):
+def _vector_split(sch, loop, width: int, pow2: bool = False):
     ext = _extent(sch, loop)
     if ext is None or ext <= 1:
         return None
-    f = _vec_factor(ext, width)
+    f = _vec_factor(ext, width, pow2)
     if f == 0:
         return None
     if f == ext:
@@ -421,8 +430,6 @@ def _schedule_producers(sch, block, width: int):
 
 def _is_channel_interleave(sch, block) -> bool:
     """The int8 conv's repack [N, C, H, W] -> [N, C/4, H, W, 4] (``layout.PACK_NCHW4C``)."""
-    from qcompile.layout import PACK_NCHW4C
-
     return sch.get(block).name_hint == PACK_NCHW4C
 
 
@@ -437,10 +444,7 @@ def _schedule_interleave(sch, block):
         return
     sch.unroll(loops[-1])
     outer = loops[:-2]
-    total = 1
-    for lp in loops:
-        total *= _extent(sch, lp) or 1
-    if outer and total >= SPATIAL_MIN_PARALLEL_WORK:
+    if outer and _work(sch, block) >= SPATIAL_MIN_PARALLEL_WORK:
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
@@ -741,38 +745,21 @@ def _read_index(sch, block, buf) -> int:
     raise ValueError("buffer not read by block")
 
 
-def _schedule_pad_copy(sch, pack, loop, vec_width: int):
+def _schedule_pad_copy(sch, pack, loop, vec_width: int, deinterleaved: bool):
     """A padding copy under ``loop``: the zero fill and the in-bounds copy as two nests
     (no per-element bounds test, so both vectorize), innermost loops vectorized."""
     fill = _try_decompose_padding(sch, pack, loop)  # None: one predicated nest
-    lps = sch.get_loops(pack)
-    if fill is None and len(lps) >= 2 and _extent(sch, lps[-2]) == 2:
+    if fill is None and deinterleaved:
         # the stride-2 plane split into even/odd columns ([..., H, 2, W/2]): with the
         # parity innermost and unrolled, each step reads two adjacent input columns
+        lps = sch.get_loops(pack)
         sch.reorder(lps[-1], lps[-2])
         sch.unroll(lps[-2])
         return
     for blk in ([fill] if fill is not None else []) + [pack]:
         lps = sch.get_loops(blk)
         if lps:
-            _pow2_vector_split(sch, lps[-1], vec_width)
-
-
-def _pow2_vector_split(sch, loop, width: int):
-    """Vectorize ``loop`` by the largest power of two <= ``width`` dividing it, else leave
-    it to LLVM: a TVM vector of an odd lane count (14 for a 56-wide row) compiles element
-    by element. MobileNetV2 int8 (depthwise padding copies), in-process A/B: 8.13 -> 7.65 ms
-    at 2 threads, 9.96 -> 9.75 ms at 1 thread."""
-    ext = _extent(sch, loop)
-    lanes = width
-    while lanes >= 4 and (ext is None or ext % lanes):
-        lanes //= 2
-    if lanes < 4:
-        return
-    if lanes == ext:
-        sch.vectorize(loop)
-    else:
-        sch.vectorize(sch.split(loop, [None, lanes])[1])
+            _vector_split(sch, lps[-1], vec_width, pow2=True)
 
 
 def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
@@ -819,7 +806,7 @@ def schedule_conv2d_dw_pixels(sch, block, vec_width: int) -> bool:
     wb = _tile_writeback(sch, block, jo)
     _vector_split(sch, sch.get_loops(wb)[-1], tw)
     pl = sch.get_loops(pack)
-    _schedule_pad_copy(sch, pack, pl[2], vec_width)
+    _schedule_pad_copy(sch, pack, pl[2], vec_width, deinterleaved=buf_rank == 6)
     if _big_enough(sch, block):
         sch.parallel(sch.fuse(b, o))
     sch.vectorize(ji)

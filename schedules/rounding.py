@@ -20,13 +20,9 @@ _RANGES = {"uint8": (0, 255), "int8": (-128, 127)}
 
 def _scalar(expr):
     """The float value of a scalar constant / PrimValue clip bound, else None."""
-    from tvm import tirx
-
-    while not isinstance(expr, (int, float)):  # PrimValue -> IntImm / FloatImm -> number
-        if not isinstance(expr, (tirx.IntImm, tirx.FloatImm)) and not hasattr(expr, "value"):
-            return None
+    while hasattr(expr, "value"):  # PrimValue -> IntImm / FloatImm -> number
         expr = expr.value
-    return float(expr)
+    return float(expr) if isinstance(expr, (int, float)) else None
 
 
 def lrint_clip_compute(v, lo: float, hi: float, dtype: str):
@@ -91,11 +87,11 @@ def RequantRoundingPass():  # noqa: N802 - a pass constructor, named like TVM's
 
 
 def rounding_passes(target) -> list:
-    """The pass for x86 LLVM targets; [] elsewhere (unchecked there)."""
-    if target.kind.name != "llvm":
-        return []
-    import platform
+    """The pass for the x86 targets (the int8 families of ``schedules.x86``, as the layout
+    pass classifies the target); [] elsewhere (unchecked there)."""
+    from qcompile.layout import plan_for_target
 
-    triple = str(target.attrs.get("mtriple", "") or "")
-    arch = triple.split("-")[0] if triple else platform.machine()  # no triple: this host
-    return [RequantRoundingPass()] if arch in ("x86_64", "AMD64") else []
+    from .x86 import PIXEL_FAMILIES
+
+    plan = plan_for_target(target)
+    return [RequantRoundingPass()] if plan and plan.int8_intrin in PIXEL_FAMILIES else []
