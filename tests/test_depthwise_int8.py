@@ -31,7 +31,19 @@ DW_CASES = [
     (1, 24, 12, 20, 5, 1, 2, 1),     # 5x5
     (1, 16, 12, 12, 3, 1, 2, 2),     # dilation 2
     (1, 32, 7, 7, 3, 1, 1, 1),       # 7 wide: channel-vector kernel
+    (1, 16, 6, 24, 3, 1, 1, 1),      # 24 wide: three 8-lane vectors per row
+    (1, 8, 8, 64, 3, 2, 1, 1),       # stride 2, 32 wide: 16-lane (AVX-512) / 8-lane vectors
 ]
+
+
+def _row_lanes(ow: int, target: str) -> int:
+    """The vector lanes of a depthwise row of ``ow`` pixels: the largest power of two
+    (at most the vector width) dividing it if that is at least 8, else the whole row
+    (an odd lane count such as 56 compiles to awkward, partly scalar code)."""
+    lanes = 16 if "avx512" in target else 8
+    while ow % lanes:
+        lanes //= 2
+    return lanes if lanes >= 8 else ow
 
 
 def _dilate(w, d):
@@ -88,6 +100,9 @@ def test_int8_depthwise_bit_exact(target, case, x_dtype):
         assert ("dw_pixels_deinterleaved" in tir) == ((w_ + 2 * p) % 2 == 0)
     if ow >= 8:  # two output rows per register tile where the height allows
         assert ("_2rows" in tir) == (acc.shape[2] % 2 == 0)
+        lanes = _row_lanes(ow, target)
+        assert f"T.vectorized(T.int64({lanes}))" in tir
+        assert lanes == ow or f"T.vectorized(T.int64({ow}))" not in tir
     got = _run(_compile(mod, target), x)
     ref = np.clip(np.round((acc + bias).astype(np.float32) * scale), 0, 255).astype(np.uint8)
     np.testing.assert_array_equal(got, ref)

@@ -29,6 +29,20 @@ def _requant_module(shape, scale, lo, hi, dtype):
     return bb.get()
 
 
+def _requant_zp_module(shape, zp, lo, hi, dtype, zp_shape=(1,)):
+    """``astype(clip(round(x) + zp, lo, hi))``: an epilogue with an output zero point."""
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            r = bb.emit(relax.op.add(relax.op.round(x),
+                                     relax.const(np.full(zp_shape, zp, np.float32))))
+            c = bb.emit(relax.op.clip(r, lo, hi))
+            out = bb.emit_output(bb.emit(relax.op.astype(c, dtype)))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
 def _inputs():
     ties = np.arange(-300, 300, dtype=np.float32) + 0.5  # every .5 tie in and around range
     rng = np.random.default_rng(3)
@@ -64,3 +78,27 @@ def test_left_alone_where_the_rewrite_would_not_be_exact():
         assert "llvm.lrint" not in RequantRoundingPass()(mod).script(), (lo, hi, dtype)
     assert rounding_passes(get_target("aarch64-neon-dotprod").tvm_target()) == []
     assert rounding_passes(get_target("x86_64-avx2").tvm_target())
+
+
+@pytest.mark.parametrize("dtype,zp,lo,hi", [("uint8", 128, 0, 255), ("uint8", 3, 0, 255),
+                                            ("int8", -5, -128, 127), ("uint8", 200, 0, 255)])
+def test_zero_point_epilogue_matches_round_add_clip(dtype, zp, lo, hi):
+    """round(v) + zp, clipped: the zero point moves into the clip bounds and onto the
+    integer; same bytes as the float chain, ties and far out-of-range values included."""
+    x = _inputs()
+    mod = _requant_zp_module(x.shape, zp, lo, hi, dtype)
+    assert "llvm.lrint" in RequantRoundingPass()(mod).script()
+    ex = _compile(mod, "x86_64-avx2")
+    asm = "\n".join(m.inspect_source("asm") for m in ex.mod.imports)
+    assert "vcvtps2dq" in asm and "vroundps" not in asm
+    want = np.clip(np.rint(x) + np.float32(zp), lo, hi).astype(dtype)
+    np.testing.assert_array_equal(_run(ex, x), want)
+
+
+def test_zero_point_left_alone_unless_one_integer_value():
+    """A fractional offset, a per-channel offset tensor, or an add that broadcasts the
+    rounded tensor to a larger shape keep the float chain."""
+    shape = (1, 4, 2, 16)
+    for zp, zp_shape in ((2.5, (1,)), (3.0, (1, 4, 1, 1)), (3.0, (2, 1, 4, 2, 16))):
+        mod = _requant_zp_module(shape, zp, 0, 255, "uint8", zp_shape)
+        assert "llvm.lrint" not in RequantRoundingPass()(mod).script(), (zp, zp_shape)

@@ -150,6 +150,28 @@ def test_residual_add_fuses_into_conv_kernel(tmp_path, kind, relu):
     assert record["activation"] == ("relu" if relu else None)
 
 
+@pytest.mark.parametrize("kind", ["basic", "inverted"])
+def test_residual_epilogue_runs_in_the_register_tile(tmp_path, kind):
+    """The default schedule computes the whole residual epilogue (dequantize of the
+    residual, add, requantize) in the conv's tile write-back: the kernel is the packing
+    stage, the conv and its write-back, not one pass over memory per epilogue op."""
+    import tvm
+
+    from qcompile.pipeline import schedule_passes
+
+    _m, _i, result = _quantize(tmp_path, kind)
+    target = SPEC.tvm_target()
+    fused, kernels, _calls = _kernels(result)
+    (name,) = [n for n in kernels if "conv2d" in n and "add" in n.split("multiply", 1)[-1]]
+    with target:
+        sched = tvm.transform.Sequential(schedule_passes(SPEC, target, False))(fused)
+    tir = sched[name].script()
+    blocks = re.findall(r'T\.sblock\("(\w+)"\)', tir)
+    assert not [b for b in blocks if re.match(r"(T_add|T_subtract|T_multiply|compute)", b)], \
+        blocks
+    assert blocks[-1].endswith("_global"), blocks  # the tile write-back is the last block
+
+
 def test_no_float_add_of_dequantized_tensors(tmp_path):
     _m, _i, result = _quantize(tmp_path, "basic")
     text = result.mod.script(show_meta=False)
