@@ -215,13 +215,14 @@ def conv2d_packed_int8(x, wp, comp, out_channels, stride, pad, dil, lanes, shift
     the pixel-vector kernel (channels are not its vector axis): there over the exact ones."""
     from tvm import te
 
-    from qcompile.schedules.cpu import int8_pixel_tile_fits
+    from qcompile.schedules.cpu import flat_pixel_rows, int8_pixel_tile_fits
 
     n, c, h, w = (int(v) for v in x.shape)
     _, cb, kh, kw, _, _ = (int(v) for v in wp.shape)
     oh, ow = _out_hw(h, w, kh, kw, stride, pad, dil)
     op = int(wp.shape[0]) * lanes
-    if int8_pixel_tile_fits(intrin, ow, (kh, kw), stride[1]):
+    if (int8_pixel_tile_fits(intrin, ow, (kh, kw), stride[1])
+            or flat_pixel_rows(intrin, oh, ow, (kh, kw), stride, pad)):
         op = out_channels
     pt, pl, pb, pr = pad
 

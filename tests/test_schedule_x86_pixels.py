@@ -75,7 +75,18 @@ INT8_PIXEL_CASES = [
     (1, 7, 9, 16, 20, 3, 1, 1),     # 3x3 pad 1, odd channels
     (1, 8, 9, 16, 16, 3, 2, 2),     # 3x3 dilation 2
     (1, 12, 4, 112, 24, 1, 0, 1),   # a 112-wide row: 7 pixel vectors per tile
+    (1, 13, 8, 28, 24, 1, 0, 1),    # 28 wide 1x1: flat plane, 4 (zmm) / 2 (ymm) rows a tile
+    (1, 8, 6, 56, 20, 1, 0, 1),     # 56 wide 1x1: flat plane on zmm, plain rows on AVX2
 ]
+
+
+def _flat_expected(family, case) -> bool:
+    """Whether ``case`` takes the flat-plane pixel kernel (1x1, unpadded, a row that is no
+    whole number of full pixel vectors but a few rows are)."""
+    from qcompile.schedules.cpu import flat_pixel_rows
+
+    n, c, h, w_, o, k, p, d = case
+    return bool(flat_pixel_rows(family, h, w_, (k, k), (1, 1), (p,) * 4))
 FAMILIES = ["avx512-vnni", "avx2-vpmaddubsw"]
 
 
@@ -95,7 +106,9 @@ def test_int8_pixel_conv_bit_exact(family, case, x_dtype):
     force = _runnable(family)
     target = _target_for(force)
     mod = _conv_int8_module(x.shape, w, 1, p, d, x_dtype, bias, scale, residual)
-    assert "int8_pixels" in _scheduled_tir(mod, target, force), "pixel tile not chosen"
+    tir = _scheduled_tir(mod, target, force)
+    assert "int8_pixels" in tir, "pixel tile not chosen"
+    assert ("int8_pixels_flat" in tir) == _flat_expected(family, case)
     got = _run(_compile(mod, target, force), x)
     np.testing.assert_array_equal(got, _np_int8(x, w, 1, p, d, bias, scale, residual))
 
@@ -144,6 +157,12 @@ def test_int8_pixel_conv_computes_exact_output_channels():
     channel = _scheduled_tir(_conv_int8_module((1, 16, 6, 32), w, 2, 0, 1, "uint8", bias, scale),
                              target, force)
     assert "int8_pixels" not in channel and "conv2d_slice" in channel
+    # the flat-plane kernel (28-wide 1x1) also runs over the exact channels, its epilogue
+    # fused into the write-back of whole rows
+    flat = _scheduled_tir(_conv_int8_module((1, 16, 8, 28), w, 1, 0, 1, "uint8", bias, scale),
+                          target, force)
+    assert "int8_pixels_flat" in flat and "conv2d_slice" not in flat
+    assert 'T.sblock("T_add")' not in flat, "epilogue left unfused"
 
 
 def test_int8_activation_repack_is_a_plain_interleave():
@@ -177,10 +196,14 @@ def test_pixel_intrinsic_instructions():
     w = rng.integers(-64, 64, (16, 8, 1, 1)).astype(np.int8)
     bias = np.zeros((1, 16, 1, 1), np.int32)
     scale = np.full((1, 16, 1, 1), 0.05, np.float32)
+    # 5 rows of 24: no whole number of rows is a whole number of zmm vectors, so the
+    # VNNI tile stays on ymm (4 rows of 24 would take the flat-plane zmm kernel)
     for target, width, instr, reg in (("x86_64-avx512-vnni", 32, "vpdpbusd", "zmm"),
                                       ("x86_64-avx512-vnni", 24, "vpdpbusd", "ymm"),
-                                      ("x86_64-avx2", 24, "vpmaddubsw", "ymm")):
-        mod = _conv_int8_module((1, 8, 4, width), w, 1, 0, 1, "uint8", bias, scale)
+                                      ("x86_64-avx2", 24, "vpmaddubsw", "ymm"),
+                                      ("x86_64-avx512-vnni", 28, "vpdpbusd", "zmm")):
+        mod = _conv_int8_module((1, 8, 5 if width == 24 else 4, width), w, 1, 0, 1, "uint8",
+                                bias, scale)
         assert "int8_pixels" in _scheduled_tir(mod, target)
         ex = _compile(mod, target)
         asm = "\n".join(m.inspect_source("asm") for m in ex.mod.imports)
