@@ -748,6 +748,71 @@ def schedule_conv2d_float_pixels(sch, block, px_lanes: int, vec_width: int):
     sch.vectorize(sch.get_loops(init)[-1])
 
 
+# float 1x1 stride-1 convs whose row is no whole number of vectors: the flat-plane kernel
+# too (as INT8_FLAT_PIXELS). Per kernel (1 thread, in-process, same values): 56 wide
+# 24->144 0.51 -> 0.37 ms, 144->24 0.79 -> 0.62, 96->24 0.49 -> 0.34; 28 wide 32->192
+# 0.22 -> 0.16, but 144->32 0.100 -> 0.110 and 192->32 0.14 -> 0.15 (reduction-heavy
+# short rows keep the channel kernel).
+FLOAT_FLAT_PIXELS = True
+FLOAT_FLAT_MIN_WIDTH = 56
+
+
+def _float_flat_rows(sch, block, vec_width: int) -> int:
+    """Rows per tile of the flat-plane float kernel for a 1x1 conv reading its input
+    unpadded at stride 1 (0: not applicable): a row that is no whole number of vectors."""
+    if not FLOAT_FLAT_PIXELS:
+        return 0
+    out = _region_buffer(sch.get(block).writes[0])
+    _, _, oh, ow = (int(v) for v in out.shape)
+    ins = [_region_buffer(r) for r in sch.get(block).reads if len(_region_buffer(r).shape) == 4]
+    if len(ins) != 1 or [int(v) for v in ins[0].shape[2:]] != [oh, ow] or ow % vec_width == 0:
+        return 0
+    if _width_stride(sch, block, 4) != 1:
+        return 0
+    loops = sch.get_loops(block)
+    if ow < FLOAT_FLAT_MIN_WIDTH and _extent(sch, loops[4]) > _extent(sch, loops[1]):
+        return 0  # more input than output channels on a short row: the channel kernel wins
+    for rows in range(2, 9):
+        if oh % rows == 0 and (rows * ow) % vec_width == 0 and rows * ow // vec_width <= 8:
+            return rows
+    return 0
+
+
+def schedule_conv2d_float_flat_pixels(sch, block, rows: int, vec_width: int):
+    """float 1x1 conv over the flattened plane (see schedule_conv2d_int8_flat_pixels)."""
+    _, _, oh, ow = (int(v) for v in _region_buffer(sch.get(block).writes[0]).shape)
+    sch.transform_block_layout(
+        block, lambda b, o, i, j, rc, rh, rw: (b, o, i * ow + j, rc, rh, rw))
+    b, o, p, rc, rh, rw = sch.get_loops(block)
+    budget = PIXEL_ACC_BUDGET[16 if vec_width >= 16 else 8] - (2 if vec_width >= 16 else 0)
+    nv = rows * ow // vec_width
+    ch = 1
+    while ch * 2 * nv <= budget and _extent(sch, o) % (ch * 2) == 0:
+        ch *= 2
+    oo, oc = sch.split(o, [None, ch])
+    po, pt, pn, pv = sch.split(p, [None, 1, nv, vec_width])
+    sch.reorder(b, oo, po, pt, rc, rh, rw, oc, pn, pv)
+    sch.annotate(pt, TILE_ATTR, "float_pixels_flat")
+    _schedule_producers(sch, block, vec_width)
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
+    sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, c, h * ow + w))
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, pt, preserve_unit_loops=True)
+    wl = sch.get_loops(wb)[4:]
+    if len(wl) == 4:
+        q = sch.fuse(wl[2], wl[3])
+        qo, qi = sch.split(q, [None, vec_width])
+        sch.vectorize(qi)
+        sch.unroll(qo)
+        sch.unroll(wl[1])
+    _parallel(sch, block, [b, oo, po])
+    sch.vectorize(pv)
+    sch.unroll(pn)
+    sch.unroll(oc)
+    init = sch.decompose_reduction(block, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
 def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
     """conv2d_packed (float) and conv2d_packed_int8: see the module docstring."""
     is_int8 = intrin != "float"
@@ -759,6 +824,9 @@ def schedule_conv2d_packed(sch, block, lanes: int, intrin: str, vec_width: int):
         # 1x1 only: there the transposing write-back dominates; 3x3 measured slower
         if px and one_by_one and _width_stride(sch, block, 4) == 1:
             return schedule_conv2d_float_pixels(sch, block, px, vec_width)
+        rows = _float_flat_rows(sch, block, vec_width) if one_by_one else 0
+        if rows:
+            return schedule_conv2d_float_flat_pixels(sch, block, rows, vec_width)
     if is_int8 and _OVERRIDES.get("int8_pixels", INT8_PIXEL_TILES):
         from .x86 import pixel_lanes
 

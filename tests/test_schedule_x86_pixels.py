@@ -212,7 +212,10 @@ def test_pixel_intrinsic_instructions():
 
 
 @pytest.mark.parametrize("target", ["x86_64-avx2", "x86_64-avx512-vnni"])
-@pytest.mark.parametrize("case", [(1, 5, 3, 16, 13), (2, 24, 4, 32, 40)],
+@pytest.mark.parametrize("case", [(1, 5, 3, 16, 13), (2, 24, 4, 32, 40),
+                                  (1, 8, 4, 28, 24),    # 28 wide: flat plane (C <= O)
+                                  (1, 40, 4, 28, 24),   # 28 wide, C > O: channel kernel
+                                  (1, 12, 4, 56, 20)],  # 56 wide: flat plane on zmm
                          ids=lambda c: "x".join(map(str, c)))
 def test_float_pixel_conv_1x1(target, case):
     from qcompile.target import host_cpu_features
@@ -227,7 +230,11 @@ def test_float_pixel_conv_1x1(target, case):
     w = rng.standard_normal((o, c, 1, 1)).astype(np.float32)
     bias = rng.standard_normal((1, o, 1, 1)).astype(np.float32)
     mod = conv_module(x.shape, w, 1, 0, 1, bias=bias)
-    assert "float_pixels" in _scheduled_tir(mod, target)
+    tir = _scheduled_tir(mod, target)
+    vec = 16 if "avx512" in target else 8
+    flat = w_ % vec != 0 and (w_ >= 56 or c <= o)
+    assert ("float_pixels_flat" in tir) == flat
+    assert ("float_pixels" in tir) == (flat or w_ % vec == 0)
     got = _run(_compile(mod, target), x)
     ref = np.maximum(np_conv2d(x, w, 1, 0) + bias, 0)
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
