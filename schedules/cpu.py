@@ -591,8 +591,14 @@ def flat_pixel_rows(intrin: str, oh: int, ow: int, kernel: tuple, stride: tuple,
     full = pixel_lanes(intrin, 16)
     if not full or pixel_lanes(intrin, ow) == full:
         return 0
+    return _whole_vector_rows(oh, ow, full)
+
+
+def _whole_vector_rows(oh: int, ow: int, lanes: int) -> int:
+    """The fewest rows (2..8, dividing ``oh``) that are a whole number of at most 8 vectors
+    of ``lanes`` pixels; 0 if none."""
     for rows in range(2, 9):
-        if oh % rows == 0 and (rows * ow) % full == 0 and rows * ow // full <= 8:
+        if oh % rows == 0 and (rows * ow) % lanes == 0 and rows * ow // lanes <= 8:
             return rows
     return 0
 
@@ -669,6 +675,33 @@ def _flat_rows(sch, block, intrin: str) -> int:
     return flat_pixel_rows(intrin, oh, ow, kernel, stride, pad)
 
 
+def _flat_tile(sch, block, o, p, nv: int, lanes: int, budget: int, name: str,
+               reduction: tuple, inner: tuple):
+    """The register tile of a flat-plane conv (``block`` iterates (b, o, p, reduction...,
+    inner...) with p the flattened pixel): ``nv`` vectors of ``lanes`` pixels (whole rows)
+    x as many channels as ``budget`` accumulators allow; accumulators flat, the fused
+    epilogue written back per tile as contiguous rows. Returns (oo, po, oc, pn, pv)."""
+    ow = _extent(sch, p) // int(_region_buffer(sch.get(block).writes[0]).shape[2])
+    ch = 1
+    while ch * 2 * nv <= budget and _extent(sch, o) % (ch * 2) == 0:
+        ch *= 2
+    oo, oc = sch.split(o, [None, ch])
+    po, pt, pn, pv = sch.split(p, [None, 1, nv, lanes])  # pt: the tile loop (annotated)
+    sch.reorder(sch.get_loops(block)[0], oo, po, pt, *reduction, oc, pn, pv, *inner)
+    sch.annotate(pt, TILE_ATTR, name)
+    wb = sch.cache_write(block, 0, ACC_SCOPE)
+    sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, c, h * ow + w))
+    _inline_epilogue(sch, wb)
+    sch.reverse_compute_at(wb, pt, preserve_unit_loops=True)
+    wl = sch.get_loops(wb)[4:]
+    if len(wl) == 4:  # (n, o, h, w) of the tile: rows x width contiguous in NCHW
+        qo, qi = sch.split(sch.fuse(wl[2], wl[3]), [None, lanes])
+        sch.vectorize(qi)
+        sch.unroll(qo)
+        sch.unroll(wl[1])
+    return oo, po, oc, pn, pv
+
+
 def schedule_conv2d_int8_flat_pixels(sch, block, rows: int, intrin: str, vec_width: int):
     """int8 1x1 conv, stride 1, no padding, over the flattened plane: the repacked input
     is [N, C/4, H*W, 4] and the conv block iterates one pixel index, so ``rows`` output
@@ -684,26 +717,9 @@ def schedule_conv2d_int8_flat_pixels(sch, block, rows: int, intrin: str, vec_wid
         block, lambda b, o, i, j, rc, rh, rw, r4: (b, o, i * ow + j, rc, rh, rw, r4))
     b, o, p, rc, rh, rw, r4 = sch.get_loops(block)
     budget = PIXEL_ACC_BUDGET[16 if vec_width >= 16 else 8]
-    nv = rows * ow // px
-    ch = 1
-    while ch * 2 * nv <= budget and _extent(sch, o) % (ch * 2) == 0:
-        ch *= 2
-    oo, oc = sch.split(o, [None, ch])
-    po, pt, pn, pv = sch.split(p, [None, 1, nv, px])  # pt: the tile loop (annotated)
-    sch.reorder(b, oo, po, pt, rc, rh, rw, oc, pn, pv, r4)
-    sch.annotate(pt, TILE_ATTR, "int8_pixels_flat")
+    oo, po, oc, pn, pv = _flat_tile(sch, block, o, p, rows * ow // px, px, budget,
+                                    "int8_pixels_flat", (rc, rh, rw), (r4,))
     _schedule_producers(sch, block, vec_width)
-    wb = sch.cache_write(block, 0, ACC_SCOPE)
-    sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, c, h * ow + w))
-    _inline_epilogue(sch, wb)
-    sch.reverse_compute_at(wb, pt, preserve_unit_loops=True)
-    wl = sch.get_loops(wb)[4:]
-    if len(wl) == 4:  # (n, o, h, w) of the tile: rows x width contiguous in NCHW
-        q = sch.fuse(wl[2], wl[3])
-        qo, qi = sch.split(q, [None, px])
-        sch.vectorize(qi)
-        sch.unroll(qo)
-        sch.unroll(wl[1])
     _parallel(sch, block, [b, oo, po])
     init = sch.decompose_reduction(block, rc)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -772,10 +788,7 @@ def _float_flat_rows(sch, block, vec_width: int) -> int:
     loops = sch.get_loops(block)
     if ow < FLOAT_FLAT_MIN_WIDTH and _extent(sch, loops[4]) > _extent(sch, loops[1]):
         return 0  # more input than output channels on a short row: the channel kernel wins
-    for rows in range(2, 9):
-        if oh % rows == 0 and (rows * ow) % vec_width == 0 and rows * ow // vec_width <= 8:
-            return rows
-    return 0
+    return _whole_vector_rows(oh, ow, vec_width)
 
 
 def schedule_conv2d_float_flat_pixels(sch, block, rows: int, vec_width: int):
@@ -785,26 +798,9 @@ def schedule_conv2d_float_flat_pixels(sch, block, rows: int, vec_width: int):
         block, lambda b, o, i, j, rc, rh, rw: (b, o, i * ow + j, rc, rh, rw))
     b, o, p, rc, rh, rw = sch.get_loops(block)
     budget = PIXEL_ACC_BUDGET[16 if vec_width >= 16 else 8] - (2 if vec_width >= 16 else 0)
-    nv = rows * ow // vec_width
-    ch = 1
-    while ch * 2 * nv <= budget and _extent(sch, o) % (ch * 2) == 0:
-        ch *= 2
-    oo, oc = sch.split(o, [None, ch])
-    po, pt, pn, pv = sch.split(p, [None, 1, nv, vec_width])
-    sch.reorder(b, oo, po, pt, rc, rh, rw, oc, pn, pv)
-    sch.annotate(pt, TILE_ATTR, "float_pixels_flat")
+    oo, po, oc, pn, pv = _flat_tile(sch, block, o, p, rows * ow // vec_width, vec_width,
+                                    budget, "float_pixels_flat", (rc, rh, rw), ())
     _schedule_producers(sch, block, vec_width)
-    wb = sch.cache_write(block, 0, ACC_SCOPE)
-    sch.transform_layout(block, ("write", 0), lambda n, c, h, w: (n, c, h * ow + w))
-    _inline_epilogue(sch, wb)
-    sch.reverse_compute_at(wb, pt, preserve_unit_loops=True)
-    wl = sch.get_loops(wb)[4:]
-    if len(wl) == 4:
-        q = sch.fuse(wl[2], wl[3])
-        qo, qi = sch.split(q, [None, vec_width])
-        sch.vectorize(qi)
-        sch.unroll(qo)
-        sch.unroll(wl[1])
     _parallel(sch, block, [b, oo, po])
     sch.vectorize(pv)
     sch.unroll(pn)
