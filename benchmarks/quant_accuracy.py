@@ -9,6 +9,16 @@ or with ``--test full`` on all 10,000 Fashion-MNIST test images read from the De
 package ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist, preprocessed as
 examples/train_fashion_mnist.py does; its first 2000 must equal the committed slice).
 ``--config`` adds QuantConfig variants (same syntax as benchmarks/real_models.py).
+
+``--calib-seeds S [S ...]`` instead repeats the qcompile-vs-ORT comparison over
+independent calibration sets: for each seed, 256 images drawn without replacement
+from the Fashion-MNIST TRAIN set (``np.random.default_rng(seed).choice(60000, 256)``,
+the draw examples/train_fashion_mnist.py makes with its CALIB_SEED, same
+preprocessing), the same images for qcompile (default ``QuantConfig()``) and for ORT
+``quantize_static``; accuracy on the full 10k test set per seed, mean ± std, and the
+paired per-seed difference (mean, standard error, t interval, sign test over seeds).
+``--seed-eval train`` scores the same study on 10,000 TRAIN images outside every drawn
+calibration set (a second labelled set: is a gap a property of the test set?).
 ONNX Runtime's row is ``quantize_static(QuantFormat.QDQ, per_channel=True)``
 (uint8 activations, int8 weights, MinMax calibration), run by ORT itself.
 Prints a Markdown table; not part of the test suite.
@@ -96,12 +106,26 @@ def main(argv=None) -> int:
                         help="extra variant LABEL:key=value,... (QuantConfig fields)")
     parser.add_argument("--no-bc-row", action="store_true",
                         help="leave out the mse row without bias correction")
+    parser.add_argument("--calib-seeds", nargs="+", type=int, default=None,
+                        help="instead: repeat qcompile default int8 vs ORT over calibration "
+                             "sets of 256 train images drawn with each seed (full test set)")
+    parser.add_argument("--seed-eval", choices=("test", "train"), default="test",
+                        help="with --calib-seeds: score on the 10k test set (default) or on "
+                             "10,000 TRAIN images outside every calibration set drawn (labelled "
+                             "images the model was trained on: a second labelled set, to see "
+                             "whether a gap is a property of the test set)")
+    parser.add_argument("--seed-config", default=None,
+                        help="with --calib-seeds: a QuantConfig variant LABEL:key=value,... "
+                             "instead of the defaults (a diagnostic, not a way to pick a "
+                             "config on the test set)")
     parser.add_argument("--requant-timing", action="store_true",
                         help="instead: time the float vs fixed-point requantize epilogue")
     args = parser.parse_args(argv)
     os.environ.setdefault("QCOMPILE_NO_PROGRESS", "1")
     if args.requant_timing:
         return requant_timing(args)
+    if args.calib_seeds:
+        return calib_seed_study(args)
 
     from qcompile.frontend import import_onnx
     from qcompile.quantize import QuantConfig, load_calibration, quantize_model
@@ -189,6 +213,126 @@ def paired_with_ort(rows, correct, spec) -> None:
         n, k = a + b, min(a, b)
         p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
         print(f"| {name} | {a} | {b} | {p:.2f} |")
+
+
+def _train_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_fmnist",
+                                                  EXAMPLES / "train_fashion_mnist.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    return train
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test (ties dropped): P(a split at least this uneven | p = 1/2)."""
+    from math import comb
+
+    n, k = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def paired_summary(diffs) -> dict:
+    """Mean, sample std, standard error, 95 % t interval and sign test of per-seed
+    differences (qcompile minus ORT, points of top-1)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=np.float64)
+    n = len(d)
+    mean = float(d.mean())
+    std = float(d.std(ddof=1)) if n > 1 else float("nan")
+    se = std / np.sqrt(n) if n > 1 else float("nan")
+    half = float(stats.t.ppf(0.975, n - 1) * se) if n > 1 else float("nan")
+    wins, losses = int(np.sum(d > 0)), int(np.sum(d < 0))
+    return {"n": n, "mean": mean, "std": std, "se": se, "ci95": (mean - half, mean + half),
+            "wins": wins, "losses": losses, "ties": n - wins - losses,
+            "sign_p": sign_test_p(wins, losses)}
+
+
+def calib_seed_study(args) -> int:
+    """qcompile default int8 vs ORT quantize_static over independent calibration sets."""
+    from qcompile.frontend import import_onnx
+    from qcompile.quantize import QuantConfig, quantize_model
+    from qcompile.quantize.calibrate import CalibrationData
+    from qcompile.target import get_target
+
+    spec = get_target(args.target)
+    train = _train_module()
+    train_u8, train_labels = train.load_split("train")
+    draws = {seed: np.random.default_rng(seed).choice(train_u8.shape[0], 256, replace=False)
+             for seed in args.calib_seeds}
+    if args.seed_eval == "test":
+        x, labels = load_test("full")
+        which = "full 10,000-image test set"
+    else:
+        used = np.unique(np.concatenate(list(draws.values())))
+        rest = np.setdiff1d(np.arange(train_u8.shape[0]), used)
+        pick = np.sort(np.random.default_rng(10 ** 6).choice(rest, 10000, replace=False))
+        x, labels = train.preprocess(train_u8[pick]), train_labels[pick]
+        which = "10,000 train images outside every calibration set (seen in training)"
+    imported = import_onnx(args.model)
+    float_ref = ort_logits(args.model, x)
+    float_acc = 100 * np.mean(float_ref.argmax(1) == labels)
+    ort_name = "ORT quantize_static QDQ" + (" reduce_range" if spec.reduce_range else "")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from real_models import parse_config
+
+    label, kwargs = parse_config(args.seed_config) if args.seed_config else ("defaults", {})
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.calib_seeds:
+            calib_x = train.preprocess(train_u8[draws[seed]])
+            batches = CalibrationData([{"input": calib_x[i:i + 64]}
+                                       for i in range(0, len(calib_x), 64)],
+                                      f"train images, seed {seed}")
+            result = quantize_model(imported, batches, QuantConfig(progress=False, **kwargs),
+                                    spec)
+            bits = result.summary["weights"]["bits"]
+            qc = tvm_logits(result.mod, spec, x).argmax(1)
+            out = Path(tmp) / f"ort_{seed}.onnx"
+            ort_quantize(args.model, calib_x, out, bool(spec.reduce_range))
+            ort = ort_logits(out, x).argmax(1)
+            qc_right, ort_right = qc == labels, ort == labels
+            row = {"seed": seed, "bits": bits,
+                   "qc": 100 * float(np.mean(qc_right)), "ort": 100 * float(np.mean(ort_right)),
+                   "only_qc": int(np.sum(qc_right & ~ort_right)),
+                   "only_ort": int(np.sum(~qc_right & ort_right)),
+                   "qc_agree": 100 * float(np.mean(qc == float_ref.argmax(1))),
+                   "ort_agree": 100 * float(np.mean(ort == float_ref.argmax(1)))}
+            rows.append(row)
+            print(f"  seed {seed}: qcompile {row['qc']:.2f} %, ORT {row['ort']:.2f} % "
+                  f"({row['only_qc']} / {row['only_ort']})", file=sys.stderr, flush=True)
+    bits = rows[0]["bits"]
+    print(f"\nBundled Fashion-MNIST CNN, {which}, target {spec.name} "
+          f"({bits}-bit weights), qcompile int8 {label}{' ' + str(kwargs) if kwargs else ''}"
+          f" vs `{ort_name}`; float {float_acc:.2f} %; "
+          f"{len(rows)} calibration sets of 256 train images\n")
+    print("| calibration seed | qcompile int8 (%) | ORT (%) | qcompile − ORT (points) | "
+          "only qcompile right / only ORT right | sign-test p (images) | "
+          "agreement with float qc / ORT (%) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['seed']} | {r['qc']:.2f} | {r['ort']:.2f} | {r['qc'] - r['ort']:+.2f} | "
+              f"{r['only_qc']} / {r['only_ort']} | {sign_test_p(r['only_qc'], r['only_ort']):.2g}"
+              f" | {r['qc_agree']:.2f} / {r['ort_agree']:.2f} |")
+    qc = np.array([r["qc"] for r in rows])
+    ort = np.array([r["ort"] for r in rows])
+    s = paired_summary(qc - ort)
+    sd = (lambda a: a.std(ddof=1) if len(a) > 1 else float("nan"))
+    print(f"| mean ± std | {qc.mean():.3f} ± {sd(qc):.3f} | {ort.mean():.3f} ± {sd(ort):.3f} | "
+          f"{s['mean']:+.3f} ± {s['std']:.3f} | "
+          f"{np.mean([r['only_qc'] for r in rows]):.1f} / "
+          f"{np.mean([r['only_ort'] for r in rows]):.1f} | | "
+          f"{np.mean([r['qc_agree'] for r in rows]):.2f} / "
+          f"{np.mean([r['ort_agree'] for r in rows]):.2f} |")
+    print(f"\nPaired over seeds (qcompile − ORT): mean {s['mean']:+.3f} points, standard error "
+          f"{s['se']:.3f}, 95 % t interval [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}]; "
+          f"qcompile ahead on {s['wins']} seeds, behind on {s['losses']}, tied on {s['ties']} "
+          f"(sign test p = {s['sign_p']:.2g}). Float − qcompile: "
+          f"{float_acc - qc.mean():+.3f} points on average, worst seed "
+          f"{float_acc - qc.min():+.3f}.")
+    return 0
 
 
 def requant_timing(args) -> int:
