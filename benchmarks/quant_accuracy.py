@@ -50,17 +50,6 @@ def ort_logits(model_path, x):
                            for i in range(0, len(x), 100)])
 
 
-# --ort-preprocess: run ORT's recommended quant_pre_process (shape inference + graph
-# optimization, which folds BatchNorm into Conv) before quantize_static. Without it ORT
-# quantizes the raw graph: each conv output before its BatchNorm, and the logits.
-ORT_PREPROCESS = False
-# --ort-float-logits: remove the QuantizeLinear/DequantizeLinear pair quantize_static puts on
-# the model output, so ORT's last Gemm writes float logits as qcompile's does. Quantized to
-# uint8, about 0.8 % of the test images get exactly tied top-2 logits, which argmax breaks
-# towards the lower class index.
-ORT_FLOAT_LOGITS = False
-
-
 def _strip_output_qdq(path) -> None:
     """Rewrite the QDQ model at ``path`` without the Q/DQ pair on its (first) output."""
     import onnx
@@ -82,11 +71,21 @@ def _strip_output_qdq(path) -> None:
     onnx.save(m, str(path))
 
 
-def ort_quantize(model_path, calib, out_path, reduce_range=False):
+def ort_quantize(model_path, calib, out_path, reduce_range=False, preprocess=False,
+                 float_logits=False):
+    """ORT ``quantize_static`` QDQ per-channel of ``model_path`` into ``out_path``.
+
+    ``preprocess`` (--ort-preprocess): ORT's recommended ``quant_pre_process`` first (shape
+    inference + graph optimization, which folds BatchNorm into Conv); without it ORT
+    quantizes the raw graph, each conv output before its BatchNorm.
+    ``float_logits`` (--ort-float-logits): remove the QuantizeLinear/DequantizeLinear pair
+    ``quantize_static`` puts on the model output, so ORT's last Gemm writes float logits as
+    qcompile's does. Quantized to uint8, about 0.8 % of the test images get exactly tied
+    top-2 logits, which argmax breaks towards the lower class index."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
 
-    if ORT_PREPROCESS:
+    if preprocess:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
         pre = Path(str(out_path) + ".pre.onnx")
@@ -103,7 +102,7 @@ def ort_quantize(model_path, calib, out_path, reduce_range=False):
     quantize_static(str(model_path), str(out_path), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, reduce_range=reduce_range)
-    if ORT_FLOAT_LOGITS:
+    if float_logits:
         _strip_output_qdq(out_path)
 
 
@@ -167,8 +166,6 @@ def main(argv=None) -> int:
                         help="instead: time the float vs fixed-point requantize epilogue")
     args = parser.parse_args(argv)
     os.environ.setdefault("QCOMPILE_NO_PROGRESS", "1")
-    global ORT_PREPROCESS, ORT_FLOAT_LOGITS
-    ORT_PREPROCESS, ORT_FLOAT_LOGITS = args.ort_preprocess, args.ort_float_logits
     if args.requant_timing:
         return requant_timing(args)
     if args.calib_seeds:
@@ -219,7 +216,8 @@ def main(argv=None) -> int:
         for reduce_range in (False, True):
             out = Path(tmp) / f"ort_int8_{reduce_range}.onnx"
             started = time.perf_counter()
-            ort_quantize(args.model, calib_x, out, reduce_range)
+            ort_quantize(args.model, calib_x, out, reduce_range, args.ort_preprocess,
+                         args.ort_float_logits)
             seconds = time.perf_counter() - started
             add(f"ORT quantize_static QDQ{' reduce_range' if reduce_range else ''}",
                 ort_logits(out, x), float_ref, seconds,
@@ -321,7 +319,9 @@ def calib_seed_study(args) -> int:
     imported = import_onnx(args.model)
     float_ref = ort_logits(args.model, x)
     float_acc = 100 * np.mean(float_ref.argmax(1) == labels)
-    ort_name = "ORT quantize_static QDQ" + (" reduce_range" if spec.reduce_range else "")
+    ort_name = ("ORT quantize_static QDQ" + (" reduce_range" if spec.reduce_range else "")
+                + (", pre-processed" if args.ort_preprocess else "")
+                + (", float logits" if args.ort_float_logits else ""))
     sys.path.insert(0, str(REPO / "benchmarks"))
     from real_models import parse_config
 
@@ -338,7 +338,8 @@ def calib_seed_study(args) -> int:
             bits = result.summary["weights"]["bits"]
             qc = tvm_logits(result.mod, spec, x).argmax(1)
             out = Path(tmp) / f"ort_{seed}.onnx"
-            ort_quantize(args.model, calib_x, out, bool(spec.reduce_range))
+            ort_quantize(args.model, calib_x, out, bool(spec.reduce_range),
+                         args.ort_preprocess, args.ort_float_logits)
             ort = ort_logits(out, x).argmax(1)
             qc_right, ort_right = qc == labels, ort == labels
             row = {"seed": seed, "bits": bits,

@@ -675,13 +675,13 @@ def _flat_rows(sch, block, intrin: str) -> int:
     return flat_pixel_rows(intrin, oh, ow, kernel, stride, pad)
 
 
-def _flat_tile(sch, block, o, p, nv: int, lanes: int, budget: int, name: str,
+def _flat_tile(sch, block, o, p, ow: int, nv: int, lanes: int, budget: int, name: str,
                reduction: tuple, inner: tuple):
     """The register tile of a flat-plane conv (``block`` iterates (b, o, p, reduction...,
-    inner...) with p the flattened pixel): ``nv`` vectors of ``lanes`` pixels (whole rows)
-    x as many channels as ``budget`` accumulators allow; accumulators flat, the fused
-    epilogue written back per tile as contiguous rows. Returns (oo, po, oc, pn, pv)."""
-    ow = _extent(sch, p) // int(_region_buffer(sch.get(block).writes[0]).shape[2])
+    inner...) with p the flattened pixel of rows ``ow`` wide): ``nv`` vectors of ``lanes``
+    pixels (whole rows) x as many channels as ``budget`` accumulators allow; accumulators
+    flat, the fused epilogue written back per tile as contiguous rows. Returns
+    (oo, po, oc, pn, pv)."""
     ch = 1
     while ch * 2 * nv <= budget and _extent(sch, o) % (ch * 2) == 0:
         ch *= 2
@@ -710,14 +710,14 @@ def schedule_conv2d_int8_flat_pixels(sch, block, rows: int, intrin: str, vec_wid
     from .x86 import get_pixel_intrin, pixel_lanes
 
     px = pixel_lanes(intrin, 16)
-    _, _, oh, ow = (int(v) for v in _region_buffer(sch.get(block).writes[0]).shape)
+    ow = int(_region_buffer(sch.get(block).writes[0]).shape[3])
     pack = _producer_writing(sch, block, 5)
     sch.transform_layout(pack, ("write", 0), lambda n, c, h, w, l: (n, c, h * ow + w, l))
     sch.transform_block_layout(
         block, lambda b, o, i, j, rc, rh, rw, r4: (b, o, i * ow + j, rc, rh, rw, r4))
     b, o, p, rc, rh, rw, r4 = sch.get_loops(block)
     budget = PIXEL_ACC_BUDGET[16 if vec_width >= 16 else 8]
-    oo, po, oc, pn, pv = _flat_tile(sch, block, o, p, rows * ow // px, px, budget,
+    oo, po, oc, pn, pv = _flat_tile(sch, block, o, p, ow, rows * ow // px, px, budget,
                                     "int8_pixels_flat", (rc, rh, rw), (r4,))
     _schedule_producers(sch, block, vec_width)
     _parallel(sch, block, [b, oo, po])
@@ -793,13 +793,13 @@ def _float_flat_rows(sch, block, vec_width: int) -> int:
 
 def schedule_conv2d_float_flat_pixels(sch, block, rows: int, vec_width: int):
     """float 1x1 conv over the flattened plane (see schedule_conv2d_int8_flat_pixels)."""
-    _, _, oh, ow = (int(v) for v in _region_buffer(sch.get(block).writes[0]).shape)
+    ow = int(_region_buffer(sch.get(block).writes[0]).shape[3])
     sch.transform_block_layout(
         block, lambda b, o, i, j, rc, rh, rw: (b, o, i * ow + j, rc, rh, rw))
     b, o, p, rc, rh, rw = sch.get_loops(block)
     budget = PIXEL_ACC_BUDGET[16 if vec_width >= 16 else 8] - (2 if vec_width >= 16 else 0)
-    oo, po, oc, pn, pv = _flat_tile(sch, block, o, p, rows * ow // vec_width, vec_width,
-                                    budget, "float_pixels_flat", (rc, rh, rw), ())
+    oo, po, oc, pn, pv = _flat_tile(sch, block, o, p, ow, rows * ow // vec_width,
+                                    vec_width, budget, "float_pixels_flat", (rc, rh, rw), ())
     _schedule_producers(sch, block, vec_width)
     _parallel(sch, block, [b, oo, po])
     sch.vectorize(pv)
