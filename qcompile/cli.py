@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from . import __version__, threads
 from .errors import QCompileError
 
 EPILOG = """examples:
@@ -116,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "the target's rpc_key)")
     meas.add_argument("--repeat", type=_positive_int, default=50,
                       help="timed repeats (default 50)")
-    meas.add_argument("--threads", type=_positive_int, help="runtime threads on the device")
+    meas.add_argument("--threads", type=_positive_int,
+                      help="runtime threads (default: the physical cores this process may "
+                           "use, or TVM_NUM_THREADS when set; over RPC the board's server "
+                           "pool can only be shrunk)")
     meas.add_argument("--emulated", action="store_true",
                       help="label timings as emulated (board under qemu)")
     _add_quant_options(meas, "both")
@@ -128,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("model", help="path to a .onnx file")
     _add_model_options(tune)
     _add_quant_options(tune, "int8")
+    tune.add_argument("--threads", type=_positive_int,
+                      help="threads each measured trial runs with (default: the physical "
+                           "cores this process may use, or TVM_NUM_THREADS when set); "
+                           "tune with the count you will deploy with")
     try:
         from . import tune_cli
     except ImportError:
@@ -254,6 +261,10 @@ COMMANDS = {"targets": cmd_targets, "compile": cmd_compile, "measure": cmd_measu
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # before anything runs a TVM kernel: the pool's size is fixed on first use
+    remote = getattr(args, "rpc", None) or getattr(args, "rpc_tracker", None)
+    threads.configure(None if (remote and args.verb == "measure")
+                      else getattr(args, "threads", None))
     try:
         return COMMANDS[args.verb](args)
     except QCompileError as exc:

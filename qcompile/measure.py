@@ -49,6 +49,10 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
 
     options = options or MeasureOptions()
     say = log or (lambda msg: print(msg, file=sys.stderr))
+    if not (rpc or tracker):  # an API caller gets the CLI's thread count too (see threads.py)
+        from . import threads as threads_mod
+
+        threads_mod.configure(options.threads)
     out = Path(out or "qcompile-report")
     artifacts: dict[str, object] = {}
     model_path = Path(model)
@@ -153,8 +157,12 @@ def _open_session(rpc, tracker, key, spec):
     return session, label
 
 
-def _set_threads(session, threads: int | None) -> int | None:
-    """Pin the runtime's thread pool size on the device (None: leave the default)."""
+def _set_threads(session, threads: int | None, say) -> int | None:
+    """Pin the runtime's thread pool size on the device (None: leave the default).
+
+    Returns the pool size the runs use. TVM can shrink a pool that exists but never
+    grow it (see :mod:`qcompile.threads`), so a request above it is reported.
+    """
     import tvm
 
     getter = session.get_function("runtime.NumThreads") if session else \
@@ -163,7 +171,12 @@ def _set_threads(session, threads: int | None) -> int | None:
         config = session.get_function("runtime.config_threadpool") if session else \
             tvm.get_global_func("runtime.config_threadpool")
         config(1, int(threads))
-    return int(getter())
+    used = int(getter())
+    if threads and used < threads:
+        where = ("start the board's RPC server with TVM_NUM_THREADS set" if session else
+                 "set TVM_NUM_THREADS before TVM first runs in this process")
+        say(f"note: asked for {threads} threads, the runtime pool has {used}: {where}")
+    return used
 
 
 def _measure_artifact(artifact, feeds, labels, reference, session, options, say) -> dict:
@@ -171,7 +184,7 @@ def _measure_artifact(artifact, feeds, labels, reference, session, options, say)
 
     try:
         runner = load(artifact.directory, session=session)
-        threads = _set_threads(session, options.threads)
+        threads = _set_threads(session, options.threads, say)
         outputs = []
         iterator = feeds
         if options.progress and sys.stderr.isatty() and len(feeds) > 50:

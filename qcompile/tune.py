@@ -47,6 +47,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from . import threads as threads_mod
 from .errors import TuningError
 from .tune_verify import kernel_wins
 
@@ -938,6 +939,8 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
 
     t_start = time.monotonic()
     spec = get_target(spec)
+    # the trials' thread count, inherited by the runner's processes (see threads.py)
+    n_threads, _ = threads_mod.configure()
     target = spec.tvm_target()
     log_dir = Path(log_dir or default_log_dir(model_name, spec))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -1118,7 +1121,8 @@ def tune(mod, spec, log_dir=None, trials: int = 64, budget_minutes: float | None
                           "tvm_target": json.loads(json.dumps(dict(target.export()),
                                                               default=list)),
                           "fingerprint": json.loads(json.dumps(target_fingerprint(target))),
-                          "format": "MetaSchedule JSONDatabase (tvm 0.27)"}) if measured else None
+                          "format": "MetaSchedule JSONDatabase (tvm 0.27)",
+                          "threads": None if rpc_tracker else n_threads}) if measured else None
     say(f"[tune] setup {time.monotonic() - t0:.1f}s; {remaining} trials, {per_iter} per batch"
         + (f", budget {budget_minutes:g} min" if budget_minutes else ""))
     stopped = "done"
@@ -1211,6 +1215,7 @@ def verify(mod, spec, log_dir, *, progress: bool = True, stream=None) -> dict:
 
     spec = get_target(spec)
     log_dir = Path(log_dir)
+    n_threads, _ = threads_mod.configure()  # before the model first runs
     if not spec.runs_here():
         raise TuningError(f"verify times the model on this machine; {spec.name} code cannot "
                           "run here")
@@ -1220,7 +1225,8 @@ def verify(mod, spec, log_dir, *, progress: bool = True, stream=None) -> dict:
     db, _ = inspect_database(log_dir, spec, keep_slower=True)
     res = verify_in_model(mod, spec, db, say=say)
     meta = _meta(log_dir)
-    update = {"verified": {**meta.get("verified", {}), **res["kernels"]}}
+    update = {"verified": {**meta.get("verified", {}), **res["kernels"]},
+              "verified_threads": n_threads}
     if res["end_to_end"]:
         update["in_model_us"] = {**res["end_to_end"],
                                  "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
