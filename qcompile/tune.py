@@ -315,9 +315,10 @@ def inspect_database(log_dir, spec=None, *, keep_slower: bool = False):
     """Load one log directory into a MemoryDatabase; returns (database, DatabaseReport).
 
     Unless ``keep_slower``, only each workload's best record is loaded, and only where it
-    beat the default schedule (what compile applies). Records of another target (see :func:`target_fingerprint`) and failed
-    trials are left out; a torn last line is dropped and reported; any other
-    unreadable line raises :class:`TuningError` naming the file and line.
+    beat the default schedule (what compile applies). Records of another target (see
+    :func:`target_fingerprint`) and failed trials are left out; a torn last line is dropped
+    and reported; any other unreadable line raises :class:`TuningError` naming the file and
+    line.
     """
     from tvm.s_tir import meta_schedule as ms
     from tvm.target import Target
