@@ -53,6 +53,9 @@ class LayoutPlan:
     int8_intrin: str  # "avx512-vnni", "avx2-vpmaddubsw", "arm-sdot", "generic" or ""
     int8_lanes: int  # output channels per int8 tile
     act_dtype: str  # activation dtype the int8 intrinsic takes ("uint8" or "int8")
+    # "amx-int8" / "portable-amx-int8": int8 convs that fit AMX tiles use them
+    # (``conv2d_packed_amx``), the rest int8_intrin; "": no AMX
+    amx: str = ""
 
 
 def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | None:
@@ -75,8 +78,10 @@ def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | Non
 
     mtriple = str(target.attrs.get("mtriple", ""))
     if has("avx512f"):
-        plan = LayoutPlan(16, "avx512-vnni" if has("avx512vnni") else "avx2-vpmaddubsw",
-                          16 if has("avx512vnni") else 8, "uint8")
+        vnni = has("avx512vnni")
+        plan = LayoutPlan(16, "avx512-vnni" if vnni else "avx2-vpmaddubsw",
+                          16 if vnni else 8, "uint8",
+                          "amx-int8" if vnni and has("amx-int8") else "")
     elif has("avx2"):
         plan = LayoutPlan(8, "avx2-vpmaddubsw", 8, "uint8")
     elif mtriple.startswith("aarch64") or has("neon"):
@@ -92,6 +97,9 @@ def plan_for_target(target, force_intrin: str | None = None) -> LayoutPlan | Non
         # "<family>" or "portable-<family>": the family's packed layout, with the tile run
         # as plain TIR when portable (bit-exact on any machine); "generic": no intrinsic.
         base = force_intrin.removeprefix("portable-")
+        if base == "amx-int8":  # AMX convs; the rest on the (same-portability) VNNI tile
+            vnni = force_intrin.replace("amx-int8", "avx512-vnni")
+            return LayoutPlan(plan.float_lanes, vnni, 16, "uint8", force_intrin)
         lanes = {"avx512-vnni": 16, "avx2-vpmaddubsw": 8, "arm-sdot": 4,
                  "arm-i8mm": I8MM_LANES, "cuda-mma": MMA_TILE}.get(base, 8)
         act = "int8" if base in ("arm-sdot", "arm-i8mm", "cuda-mma", "generic") else "uint8"
@@ -244,6 +252,56 @@ def conv2d_packed_int8(x, wp, comp, out_channels, stride, pad, dil, lanes, shift
         return conv
     return _conv_output(conv, comp, (n, out_channels, oh, ow))
 
+
+
+def pack_conv_weight_amx(w: np.ndarray, channel_tiles: int) -> np.ndarray:
+    """OIHW -> [O/(16 TO), KH, KW, C/64, TO, 16, 16, 4]: one AMX A tile (16 output
+    channels x 64 input channels of one tap, as 16 rows of 16 x 4 bytes) is 1 KiB
+    contiguous, the TO tiles a register tile loads side by side. O % 16 == C % 64 == 0."""
+    o, c, kh, kw = w.shape
+    rows = 16 * channel_tiles
+    return np.ascontiguousarray(
+        w.reshape(o // rows, channel_tiles, 16, c // 64, 16, 4, kh, kw)
+        .transpose(0, 6, 7, 3, 1, 2, 4, 5))
+
+
+def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, intrin, tiles):
+    """NCHW int8 conv2d for AMX (``qcompile.schedules.amx``): the activation repacked to
+    [N, C/4, H', W', 4] as for VNNI, weights ``pack_conv_weight_amx``; stride 1 across,
+    any stride down; exact tiles only (``amx_conv_tiles`` decides)."""
+    from tvm import te
+
+    from qcompile.schedules.amx import AMX_KIND
+
+    n, c, h, w = (int(v) for v in x.shape)
+    _, kh, kw, cblocks, to, _, k4, _ = (int(v) for v in wp.shape)
+    oh, ow = _out_hw(h, w, kh, kw, stride, pad, (1, 1))
+    pt, pl, pb, pr = pad
+    rows = 16 * to
+    xp = te.compute((n, c // 4, h + pt + pb, w + pl + pr, 4),
+                    _nchw4c_value(x, pad, shift, act_dtype), name=PACK_NCHW4C)
+    rcb = te.reduce_axis((0, cblocks), "rcb")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rci = te.reduce_axis((0, k4), "rci")
+    r4 = te.reduce_axis((0, 4), "r4")
+
+    def weight(o, rh_, rw_, rcb_, rci_, r4_):
+        # one channel tile: a literal 0 (the AMX tile description indexes it so too)
+        tile = (o % rows) // 16 if to > 1 else 0
+        return wp[o // rows, rh_, rw_, rcb_, tile, o % 16, rci_, r4_]
+
+    conv = te.compute(
+        (n, out_channels, oh, ow),
+        lambda b, o, i, j: te.sum(
+            xp[b, rcb * k4 + rci, i * stride[0] + rh, j + rw, r4].astype("int32")
+            * weight(o, rh, rw, rcb, rci, r4).astype("int32"),
+            axis=[rcb, rh, rw, rci, r4]),
+        name="conv2d_packed_amx",
+        attrs={KERNEL_ATTR: AMX_KIND, INTRIN_ATTR: intrin, "qcompile_amx_tiles": list(tiles)})
+    if comp is None:
+        return conv
+    return _conv_output(conv, comp, (n, out_channels, oh, ow))
 
 
 # Name of the int8 conv's activation repack stage ([N, C, H, W] -> [N, C/4, H', W', 4]).
@@ -750,6 +808,14 @@ def _make_mutator(plan: LayoutPlan):
                                   lanes, out_dtype, primfunc_name_hint="conv2d_packed")
             lanes = plan.int8_lanes
             intrin = plan.int8_intrin
+            amx_tiles = self._amx_tiles(w, xshape, stride, dil, groups, pad) if plan.amx else None
+            if amx_tiles is not None:
+                act, shift = _int8_parts(plan, x_dtype)
+                comp = _zero_point_comp(shift, w, (1, 2, 3))
+                wp = pack_conv_weight_amx(w, amx_tiles[0])
+                return bb.call_te(conv2d_packed_amx, x, relax.const(wp), comp, o, stride, pad,
+                                  shift, act, plan.amx, amx_tiles,
+                                  primfunc_name_hint="conv2d_packed_amx")
             if intrin.removeprefix("portable-") == "arm-i8mm":
                 act, shift = _int8_parts(plan, x_dtype)
                 comp = _zero_point_comp(shift, w, (1, 2, 3))
@@ -769,6 +835,14 @@ def _make_mutator(plan: LayoutPlan):
             comp = _zero_point_comp(shift, w, (1, 2, 3))
             return bb.call_te(conv2d_packed_int8, x, relax.const(wp), comp, o, stride, pad, dil,
                               lanes, shift, act, intrin, primfunc_name_hint="conv2d_packed_int8")
+
+        @staticmethod
+        def _amx_tiles(w, xshape, stride, dil, groups, pad):
+            from qcompile.schedules.amx import amx_conv_tiles
+
+            o, c, kh, kw = w.shape
+            _oh, ow = _out_hw(xshape[2], xshape[3], kh, kw, stride, pad, dil)
+            return amx_conv_tiles(c, o, ow, (kh, kw), stride, dil, groups)
 
         # ---- matmul
         def _matmul(self, call, orig):

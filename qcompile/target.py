@@ -61,7 +61,10 @@ class TargetSpec:
         if self.arch != platform.machine():
             return False
         have = host_cpu_features()
-        return all(_CPUINFO_ALIASES.get(f, f) in have for f in self.isa_features)
+        if not all(_CPUINFO_ALIASES.get(f, f) in have for f in self.isa_features):
+            return False
+        # AMX: the CPU flag is not enough, the kernel must also hand out tile state
+        return "amx_tile" not in self.isa_features or amx_permitted()
 
     def resolved_tvm_dict(self) -> dict:
         """The TVM target dict with ``mcpu = "host"`` and ``num-cores`` resolved."""
@@ -115,6 +118,24 @@ def host_cpu_features() -> frozenset[str]:
         if key.strip() in ("flags", "Features"):
             return frozenset(value.split())
     return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def amx_permitted() -> bool:
+    """Whether Linux grants this process AMX tile data (``arch_prctl`` with
+    ARCH_REQ_XCOMP_PERM, kernel 5.16+); AMX code run without it dies with SIGILL."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    import ctypes
+
+    from qcompile.schedules.amx import (ARCH_REQ_XCOMP_PERM, SYS_ARCH_PRCTL,
+                                        XFEATURE_XTILEDATA)
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(SYS_ARCH_PRCTL, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def _bundled_dir() -> Path:
@@ -199,7 +220,7 @@ def list_targets() -> list[TargetSpec]:
 
 def host_target_name() -> str:
     """The best bundled target that runs on this machine."""
-    for name in ("x86_64-avx512-vnni", "x86_64-avx2", "aarch64-neon-dotprod", "aarch64-neon"):
+    for name in ("x86_64-amx", "x86_64-avx512-vnni", "x86_64-avx2", "aarch64-neon-dotprod", "aarch64-neon"):
         if get_target(name).runs_here():
             return name
     raise TargetError(f"no bundled target runs on this {platform.machine()} machine; "

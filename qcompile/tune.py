@@ -150,7 +150,7 @@ def _export_cross(cross_compiler: str, mod) -> str:
 # Target identity of records
 # --------------------------------------------------------------------------------------
 
-_ISA_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "neon", "dotprod", "i8mm", "sve")
+_ISA_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "amx-int8", "neon", "dotprod", "i8mm", "sve")
 
 
 def target_fingerprint(target) -> tuple:
@@ -1309,6 +1309,8 @@ def register_schedule_intrinsics(family: str) -> None:
     from qcompile.schedules import cpu, intrin, x86
 
     base = family.removeprefix("portable-")
+    if base == "amx-int8":  # convs that do not fit AMX tiles run on VNNI
+        base, family = "avx512-vnni", family.replace("amx-int8", "avx512-vnni")
     if base in intrin.LANES:
         intrin.get_intrin(base, portable=family.startswith("portable-"), scope=cpu.ACC_SCOPE)
     if base in x86.PIXEL_FAMILIES:

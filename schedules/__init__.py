@@ -16,6 +16,8 @@ How it fits together:
 * ``intrin`` the int8 ``L x 4`` tile semantics and its lazy registry; ``x86`` (AVX-512
              VNNI ``vpdpbusd``, AVX2 ``vpmaddubsw``+``vpmaddwd``), ``arm`` (NEON ``sdot``):
              real implementations; every family also has a portable (plain TIR) one.
+* ``amx``    Intel AMX ``tdpbsud`` for the int8 convs that fit its tiles (AMX targets):
+             a 2x2 block of 16x16 int32 tiles held in tile registers over the reduction.
 * ``cuda``   ``__dp4a`` for the packed int8 kernels; the rest stays with dlight's GPU rules.
 
 Every rule works on a copy of the kernel and falls back (next rule, then the kernel
@@ -40,9 +42,11 @@ def default_schedule_passes(spec, target) -> list:
 
         return [apply_cuda_int8_schedules(target), dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                         dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+    from .amx import apply_amx_schedules
     from .arm import apply_arm_i8mm_schedules
     from .cpu import apply_cpu_schedules
 
-    # smmla kernels (packed by qcompile.layout only for +i8mm targets, or when forced)
-    # first; the pass leaves every other kernel to the CPU rules.
-    return [apply_arm_i8mm_schedules(target), apply_cpu_schedules(target)]
+    # AMX and smmla kernels (packed by qcompile.layout only for AMX / +i8mm targets, or
+    # when forced) first; those passes leave every other kernel to the CPU rules.
+    return [apply_amx_schedules(target), apply_arm_i8mm_schedules(target),
+            apply_cpu_schedules(target)]
