@@ -520,10 +520,18 @@ def extract_tasks(mod, spec):
 
     from .pipeline import fuse
 
+    from qcompile.schedules.amx import holds_amx_kernel
+
     target = spec.tvm_target()
     fused = fuse(mod, target)
-    return [t for t in ms.relax_integration.extract_tasks(fused, target)
-            if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
+             if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+    # AMX convs: the tile shapes fix the whole schedule, nothing to search
+    fixed = [t for t in tasks if holds_amx_kernel(t.dispatched[0])]
+    if fixed:
+        _log.info("%d AMX conv kernel(s) keep their fixed schedule (not tuned): %s",
+                  len(fixed), ", ".join(t.task_name for t in fixed))
+    return [t for t in tasks if all(t is not f for f in fixed)]
 
 
 def coverage_detail(mod, spec, db) -> tuple[list[str], list[str]]:

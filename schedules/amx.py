@@ -307,6 +307,19 @@ def _request_tile_permission(func):
     return func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, new_root))
 
 
+def holds_amx_kernel(func) -> bool:
+    """Whether ``func`` (a PrimFunc, or a module of one) computes an AMX-packed conv. Its schedule is fixed by
+    the tile shapes (there is nothing for ``qcompile tune`` to vary), so tuning skips it."""
+    from tvm import s_tir
+
+    from qcompile.layout import KERNEL_ATTR
+
+    from .cpu import _annotation, _root_blocks
+
+    sch = s_tir.Schedule(func)
+    return any(str(_annotation(sch, b, KERNEL_ATTR, "")) == AMX_KIND for b in _root_blocks(sch))
+
+
 def apply_amx_rule(func, target):
     """Schedule an AMX-packed conv2d kernel; None when ``func`` holds none."""
     from tvm import s_tir

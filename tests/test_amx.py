@@ -145,3 +145,18 @@ def test_amx_kernel_in_a_relax_vm_matches_vnni_kernel():
     vnni_target = "x86_64-avx512-vnni" if REAL_AMX else "x86_64-avx2"
     vnni = _run(_compile(mod, vnni_target, None if REAL_AMX else "portable-avx512-vnni"), x)
     np.testing.assert_array_equal(amx, vnni)
+
+
+@x86_only
+def test_tuning_leaves_amx_kernels_out():
+    """An AMX conv's schedule is fixed by its tiles: ``qcompile tune`` extracts no task for
+    it, while the VNNI kernel of a conv that does not fit stays a task."""
+    from qcompile.schedules.amx import holds_amx_kernel
+    from qcompile.tune import extract_tasks
+
+    spec = get_target("x86_64-amx")
+    amx_mod, *_ = _case_module(64, 32, 4, 16, 3, (1, 1), 1, "uint8", seed=5)
+    vnni_mod, *_ = _case_module(48, 32, 4, 16, 3, (1, 1), 1, "uint8", seed=6)
+    assert extract_tasks(amx_mod, spec) == []
+    tasks = extract_tasks(vnni_mod, spec)
+    assert tasks and not any(holds_amx_kernel(t.dispatched[0]) for t in tasks)
