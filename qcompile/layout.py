@@ -266,20 +266,53 @@ def pack_conv_weight_amx(w: np.ndarray, channel_tiles: int) -> np.ndarray:
 
 
 def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, intrin, tiles):
-    """NCHW int8 conv2d for AMX (``qcompile.schedules.amx``): the activation repacked to
-    [N, C/4, H', W', 4] as for VNNI, weights ``pack_conv_weight_amx``; stride 1 across,
-    any stride down; exact tiles only (``amx_conv_tiles`` decides)."""
-    from tvm import te
+    """NCHW int8 conv2d for AMX (``qcompile.schedules.amx``), weights
+    ``pack_conv_weight_amx``; exact tiles only (``amx_conv_tiles`` decides).
+
+    The activation is repacked to [N, C/4, H', W', 4] as for VNNI; for stride 2 across,
+    the padded columns are laid out by phase (even columns, then odd ones, in the same
+    width axis), so an AMX B tile -- N output pixels of one tap, 4 bytes each -- is one
+    contiguous 4N-byte row for every tap. A strided 1x1 conv repacks only the pixels it
+    reads and runs as stride 1."""
+    from tvm import te, tirx
 
     from qcompile.schedules.amx import AMX_KIND
 
     n, c, h, w = (int(v) for v in x.shape)
     _, kh, kw, cblocks, to, _, k4, _ = (int(v) for v in wp.shape)
     oh, ow = _out_hw(h, w, kh, kw, stride, pad, (1, 1))
+    sh, sw = stride
     pt, pl, pb, pr = pad
     rows = 16 * to
-    xp = te.compute((n, c // 4, h + pt + pb, w + pl + pr, 4),
-                    _nchw4c_value(x, pad, shift, act_dtype), name=PACK_NCHW4C)
+    wpad = w + pl + pr
+    padded = _nchw4c_value(x, pad, shift, act_dtype)
+    if kh == kw == 1 and not any(pad) and (sh, sw) != (1, 1):
+        # strided 1x1 (a ResNet downsample): repack only the pixels read, then stride 1
+        xp = te.compute((n, c // 4, oh, ow, 4),
+                        lambda b, cc, i, j, c4: padded(b, cc, i * sh, j * sw, c4),
+                        name="pack_amx_subsample")
+        sh = sw = 1
+
+        def column(j, rw):
+            return j + rw
+    elif sw == 1:
+        xp = te.compute((n, c // 4, h + pt + pb, wpad, 4), padded, name=PACK_NCHW4C)
+
+        def column(j, rw):
+            return j + rw
+    else:
+        phase_w = _ceil(wpad, sw)
+
+        def phased(b, cc, i, col, c4):
+            # padded column q * sw + phase sits at phase * phase_w + q; past the padded
+            # width (the last phase's tail, never read) repeat the last column
+            src = (col % phase_w) * sw + col // phase_w
+            return padded(b, cc, i, tirx.min(src, wpad - 1), c4)
+
+        xp = te.compute((n, c // 4, h + pt + pb, sw * phase_w, 4), phased, name="pack_amx_phases")
+
+        def column(j, rw):
+            return (rw % sw) * phase_w + j + rw // sw
     rcb = te.reduce_axis((0, cblocks), "rcb")
     rh = te.reduce_axis((0, kh), "rh")
     rw = te.reduce_axis((0, kw), "rw")
@@ -294,7 +327,7 @@ def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, 
     conv = te.compute(
         (n, out_channels, oh, ow),
         lambda b, o, i, j: te.sum(
-            xp[b, rcb * k4 + rci, i * stride[0] + rh, j + rw, r4].astype("int32")
+            xp[b, rcb * k4 + rci, i * sh + rh, column(j, rw), r4].astype("int32")
             * weight(o, rh, rw, rcb, rci, r4).astype("int32"),
             axis=[rcb, rh, rw, rci, r4]),
         name="conv2d_packed_amx",

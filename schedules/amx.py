@@ -10,7 +10,8 @@ How a conv maps onto it (``qcompile.layout.conv2d_packed_amx``):
   weights packed ``[O/(16 TO), KH, KW, C/64, TO, 16, 16, 4]`` (a 1 KiB contiguous tile);
 * B (16 rows x 4N bytes) = 16 channel groups of 4, N output pixels each: read in place
   from the int8 conv's existing ``[N, C/4, H', W', 4]`` activation repack (row stride
-  H' W' 4 bytes), so stride-1 convs need no im2col;
+  H' W' 4 bytes), so no im2col; for stride 2 across, the repack orders each row's
+  columns by phase (even, then odd), so the N pixels of a tap stay contiguous;
 * C (16 rows x N int32) = 16 output channels x N pixels, i.e. NCHW rows.
 
 The register tile is TO x TP C tiles (TO <= 2 channel tiles, TP <= 2 pixel tiles: tmm0-3
@@ -45,7 +46,7 @@ def amx_conv_tiles(in_channels: int, out_channels: int, out_width: int, kernel: 
     """``(TO, TP, N)`` for an AMX conv (channel tiles, pixel tiles, pixels per tile), or
     None when the conv does not fit the tiles exactly (tensorize takes no predicate): the
     VNNI kernel takes it instead."""
-    if groups != 1 or tuple(dilation) != (1, 1) or stride[1] != 1:
+    if groups != 1 or tuple(dilation) != (1, 1) or stride[1] not in (1, 2):
         return None
     if in_channels % K_BYTES or out_channels % TILE_ROWS:
         return None

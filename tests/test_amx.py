@@ -44,9 +44,10 @@ def _case_module(c, o, h, w, k, stride, pad, x_dtype, seed):
 def _reference(x, wt, stride, pad, bias, scale):
     """numpy int8 conv -> requantize; a (2, 1) stride is every other row of stride 1."""
     sh, sw = stride
+    if sh == sw:
+        return _np_int8(x.astype(np.int64), wt, sh, pad, 1, bias, scale)
     assert sw == 1
-    out = _np_int8(x.astype(np.int64), wt, 1, pad, 1, bias, scale)
-    return out[:, :, ::sh]
+    return _np_int8(x.astype(np.int64), wt, 1, pad, 1, bias, scale)[:, :, ::sh]
 
 
 # (c, o, h, w, kernel, stride, pad, x dtype): every tile shape the planner picks
@@ -56,6 +57,9 @@ AMX_CASES = [
     (128, 48, 5, 7, 3, (1, 1), 1, "int8"),     # int8 input (shifted, compensated), 7 wide
     (64, 32, 9, 14, 3, (2, 1), 1, "uint8"),    # row stride 2 (the tile reads every 2nd row)
     (192, 64, 4, 12, 1, (1, 1), 0, "uint8"),   # 3 input-channel blocks, 2 x 2 tiles of 6
+    (64, 32, 9, 16, 3, (2, 2), 1, "uint8"),    # stride 2: columns repacked by phase
+    (64, 16, 7, 13, 3, (2, 2), 1, "int8"),     # stride 2, odd padded width (15), 7 wide
+    (128, 64, 8, 14, 1, (2, 2), 0, "uint8"),   # 1x1 stride 2 (ResNet's downsample)
 ]
 
 
@@ -86,8 +90,8 @@ def test_amx_instructions_and_permission_request():
 
 @x86_only
 def test_convs_that_do_not_fit_amx_tiles_take_vnni():
-    """Input channels not a multiple of 64, or stride 2 across: the VNNI kernel, exact."""
-    for c, stride in ((48, (1, 1)), (64, (2, 2))):
+    """Input channels not a multiple of 64, or stride 3 across: the VNNI kernel, exact."""
+    for c, stride in ((48, (1, 1)), (64, (3, 3))):
         mod, x, wt, bias, scale = _case_module(c, 32, 8, 16, 3, stride, 1, "uint8", seed=c)
         tir = _scheduled_tir(mod, TARGET, FORCE)
         assert "conv2d_packed_amx" not in tir and "conv2d_packed_int8" in tir
@@ -104,7 +108,8 @@ def test_tile_planner():
     assert amx_conv_tiles(64, 64, 17, (3, 3), (1, 1), (1, 1), 1) is None  # prime width > 16
     assert amx_conv_tiles(32, 64, 16, (1, 1), (1, 1), (1, 1), 1) is None  # C % 64
     assert amx_conv_tiles(64, 24, 16, (1, 1), (1, 1), (1, 1), 1) is None  # O % 16
-    assert amx_conv_tiles(64, 64, 16, (3, 3), (1, 2), (1, 1), 1) is None  # stride across
+    assert amx_conv_tiles(64, 64, 8, (3, 3), (2, 2), (1, 1), 1) == (2, 1, 8)
+    assert amx_conv_tiles(64, 64, 16, (3, 3), (1, 3), (1, 1), 1) is None  # stride 3 across
     assert amx_conv_tiles(64, 64, 16, (3, 3), (1, 1), (2, 2), 1) is None  # dilation
     assert amx_conv_tiles(64, 64, 16, (3, 3), (1, 1), (1, 1), 2) is None  # groups
 
