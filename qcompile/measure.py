@@ -113,6 +113,16 @@ def measure(model: str | os.PathLike, target=None, *, data=None, out=None, rpc=N
                                                        section["_outputs"])
                 section["agreement"]["reference"] = "qcompile float"
             setattr(report, kind, section)
+            tuning = section.get("tuning") or {}
+            if tuning.get("tuned_kernels"):
+                logs = tuning["log"]
+                if tuning.get("shipped"):  # the package's tuning_logs/<name>, by name
+                    logs = "shipped tuning_logs/ " + ", ".join(
+                        Path(d).name for d in logs.split(", "))
+                report.notes.append(
+                    f"{kind}: {tuning['tuned_kernels']} of {tuning['total_kernels']} kernels "
+                    f"use a tuned record ({logs}): {', '.join(tuning.get('tuned', []))}; "
+                    "the rest default schedules")
             if kind == "int8":
                 report.quantization = artifact.manifest.get("quantization")
                 fp32_bytes = ((report.quantization or {}).get("weight_bytes") or {}).get("fp32")
@@ -205,6 +215,12 @@ def _measure_artifact(artifact, feeds, labels, reference, session, options, say)
     section = {"artifact": str(artifact.directory), "latency_ms": latency_summary(samples,
                                                                                    threads),
                "library_bytes": artifact.manifest["library"]["bytes"], "_outputs": outputs}
+    tuning = artifact.manifest.get("tuning") or {}
+    if tuning.get("total_kernels"):
+        section["tuning"] = {k: tuning[k] for k in ("log", "shipped", "tuned_kernels",
+                                                    "total_kernels", "tuned") if k in tuning}
+    elif "tuning" in artifact.manifest:  # built with no record applied: all default
+        section["tuning"] = {"log": None, "tuned_kernels": 0}
     quant = artifact.manifest.get("quantization") or {}
     weight_bytes = quant.get("weight_bytes") or {}
     if isinstance(weight_bytes, dict) and weight_bytes:

@@ -126,7 +126,19 @@ _ROWS = [
     ("max abs error", lambda s: _agree(s, "max_abs_err", ".3g")),
     ("library size (bytes)", lambda s: _fmt(s and s.get("library_bytes"), ",d")),
     ("weight bytes", lambda s: _fmt(s and s.get("weight_bytes"), ",d")),
+    ("kernels with a tuned record", lambda s: _tuned(s)),
 ]
+
+
+def _tuned(section) -> str:
+    """'1 of 8' (kernels a tuning record schedules, of all), 'none' (default schedules
+    only), '—' (an artifact whose manifest does not say)."""
+    tuning = section and section.get("tuning")
+    if not tuning:
+        return "—"
+    if not tuning.get("tuned_kernels"):
+        return "none"
+    return f"{tuning['tuned_kernels']} of {tuning['total_kernels']}"
 
 
 def latency_summary(samples_ms: list[float], threads: int | None) -> dict:

@@ -31,8 +31,8 @@ def test_help_is_fast_and_lists_the_verbs():
 def test_targets_is_fast_and_lists_all_six():
     proc, seconds = _timed(["targets"])
     assert proc.returncode == 0
-    for name in ("x86_64-avx2", "x86_64-avx512-vnni", "aarch64-neon-dotprod", "aarch64-neon",
-                 "cuda-sm80", "cuda-sm61"):
+    for name in ("x86_64-avx2", "x86_64-avx512-vnni", "x86_64-amx", "aarch64-neon-dotprod",
+                 "aarch64-neon", "cuda-sm80", "cuda-sm61"):
         assert name in proc.stdout
     assert seconds < 3.0, f"qcompile targets took {seconds:.2f}s"
     assert "tvm" not in sys.modules or True  # (in-process state is irrelevant here)
@@ -68,6 +68,28 @@ def test_measure_writes_report_with_documented_keys(float_report):
     assert 0.8 < section["accuracy"] <= 1.0
     markdown = (float_report / "report.md").read_text()
     assert "latency median" in markdown and "top-1 agreement" in markdown
+
+
+def test_report_says_which_kernels_use_tuned_records(tmp_path, bundled_model, bundled_test_data,
+                                                     bundled_calib_data):
+    """The shipped AVX2 log of the bundled model has a record compile applies: the report
+    counts it (table row, JSON, a note naming the kernel); float kernels have none."""
+    from pathlib import Path
+
+    log = Path(__file__).resolve().parents[1] / "tuning_logs" / "fashion_mnist_cnn-x86_64-avx2"
+    out = tmp_path / "rep"
+    assert main(["measure", str(bundled_model), "--target", "x86_64-avx2", "--data",
+                 str(bundled_test_data), "--calib", str(bundled_calib_data), "--limit", "20",
+                 "--repeat", "5", "--tuning-log", str(log), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    tuning = report["int8"]["tuning"]
+    assert 1 <= tuning["tuned_kernels"] < tuning["total_kernels"] and tuning["tuned"]
+    assert report["float"]["tuning"]["tuned_kernels"] == 0
+    row = next(ln for ln in (out / "report.md").read_text().splitlines()
+               if ln.startswith("| kernels with a tuned record"))
+    assert row == (f"| kernels with a tuned record | none | "
+                   f"{tuning['tuned_kernels']} of {tuning['total_kernels']} |")
+    assert any(n.startswith("int8: ") and tuning["tuned"][0] in n for n in report["notes"])
 
 
 def test_report_rerenders_from_json(float_report, capsys):
