@@ -265,7 +265,8 @@ def pack_conv_weight_amx(w: np.ndarray, channel_tiles: int) -> np.ndarray:
         .transpose(0, 6, 7, 3, 1, 2, 4, 5))
 
 
-def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, intrin, tiles):
+def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, intrin, tiles,
+                      flat_columns=None):
     """NCHW int8 conv2d for AMX (``qcompile.schedules.amx``), weights
     ``pack_conv_weight_amx``; exact tiles only (``amx_conv_tiles`` decides).
 
@@ -273,7 +274,8 @@ def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, 
     the padded columns are laid out by phase (even columns, then odd ones, in the same
     width axis), so an AMX B tile -- N output pixels of one tap, 4 bytes each -- is one
     contiguous 4N-byte row for every tap. A strided 1x1 conv repacks only the pixels it
-    reads and runs as stride 1."""
+    reads and runs as stride 1. ``flat_columns`` (``amx_flat_plane``): the conv computed
+    over the flattened padded plane, ``[N, O, 1, flat_columns]``, then sliced."""
     from tvm import te, tirx
 
     from qcompile.schedules.amx import AMX_KIND
@@ -286,6 +288,11 @@ def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, 
     rows = 16 * to
     wpad = w + pl + pr
     padded = _nchw4c_value(x, pad, shift, act_dtype)
+    if flat_columns is not None:
+        return _conv2d_flat_amx(xp_value=padded, wp=wp, comp=comp, shape=(n, c, h, w),
+                                out_channels=out_channels, pad=pad, shift=shift,
+                                act_dtype=act_dtype, intrin=intrin, tiles=tiles,
+                                columns=flat_columns)
     if kh == kw == 1 and not any(pad) and (sh, sw) != (1, 1):
         # strided 1x1 (a ResNet downsample): repack only the pixels read, then stride 1
         xp = te.compute((n, c // 4, oh, ow, 4),
@@ -335,6 +342,60 @@ def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, 
     if comp is None:
         return conv
     return _conv_output(conv, comp, (n, out_channels, oh, ow))
+
+
+def _amx_weight(wp, rows: int, channel_tiles: int):
+    def weight(o, rh_, rw_, rcb_, rci_, r4_):
+        # one channel tile: a literal 0 (the AMX tile description indexes it so too)
+        tile = (o % rows) // 16 if channel_tiles > 1 else 0
+        return wp[o // rows, rh_, rw_, rcb_, tile, o % 16, rci_, r4_]
+    return weight
+
+
+def _conv2d_flat_amx(xp_value, wp, comp, shape, out_channels, pad, shift, act_dtype, intrin,
+                     tiles, columns):
+    """The stride-1 AMX conv over the flattened padded plane: the repack is
+    ``[N, C/4, 1, L, 4]`` (padded pixel (r, q) at r W' + q; L covers the last tile's reads),
+    output column p = i W' + j reads input column p + rh W' + rw for every tap, so every
+    B tile row is contiguous whatever the row width."""
+    from tvm import te, tirx
+
+    from qcompile.schedules.amx import AMX_KIND
+
+    n, c, h, w = shape
+    _, kh, kw, cblocks, to, _, k4, _ = (int(v) for v in wp.shape)
+    pt, pl, pb, pr = pad
+    hp, wpw = h + pt + pb, w + pl + pr
+    oh, ow = hp - kh + 1, wpw - kw + 1
+    length = max(hp * wpw, columns + (kh - 1) * wpw + kw - 1)
+
+    def flat(b, cc, _u, q, c4):
+        inside = q < hp * wpw  # the tail past the plane feeds only dropped columns
+        qq = tirx.min(q, hp * wpw - 1)
+        return tirx.if_then_else(inside, xp_value(b, cc, qq // wpw, qq % wpw, c4),
+                                 tirx.const(shift, act_dtype))
+
+    xp = te.compute((n, c // 4, 1, length, 4), flat, name="pack_amx_flat")
+    rcb = te.reduce_axis((0, cblocks), "rcb")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rci = te.reduce_axis((0, k4), "rci")
+    r4 = te.reduce_axis((0, 4), "r4")
+    weight = _amx_weight(wp, 16 * to, to)
+    conv = te.compute(
+        (n, out_channels, 1, columns),
+        lambda b, o, u, p: te.sum(
+            xp[b, rcb * k4 + rci, u, p + rh * wpw + rw, r4].astype("int32")
+            * weight(o, rh, rw, rcb, rci, r4).astype("int32"),
+            axis=[rcb, rh, rw, rci, r4]),
+        name="conv2d_packed_amx",
+        attrs={KERNEL_ATTR: AMX_KIND, INTRIN_ATTR: intrin, "qcompile_amx_tiles": list(tiles)})
+    if comp is None:
+        return te.compute((n, out_channels, oh, ow),
+                          lambda b, o, i, j: conv[b, o, 0, i * wpw + j], name="conv2d_slice")
+    return te.compute((n, out_channels, oh, ow),
+                      lambda b, o, i, j: conv[b, o, 0, i * wpw + j] - comp[o],
+                      name="conv2d_shift_comp")
 
 
 # Name of the int8 conv's activation repack stage ([N, C, H, W] -> [N, C/4, H', W', 4]).
@@ -841,6 +902,14 @@ def _make_mutator(plan: LayoutPlan):
                                   lanes, out_dtype, primfunc_name_hint="conv2d_packed")
             lanes = plan.int8_lanes
             intrin = plan.int8_intrin
+            flat = self._amx_flat(w, xshape, stride, dil, groups, pad) if plan.amx else None
+            if flat is not None:
+                act, shift = _int8_parts(plan, x_dtype)
+                comp = _zero_point_comp(shift, w, (1, 2, 3))
+                wp = pack_conv_weight_amx(w, flat[0][0])
+                return bb.call_te(conv2d_packed_amx, x, relax.const(wp), comp, o, stride, pad,
+                                  shift, act, plan.amx, flat[0], flat[1],
+                                  primfunc_name_hint="conv2d_packed_amx")
             amx_tiles = self._amx_tiles(w, xshape, stride, dil, groups, pad) if plan.amx else None
             if amx_tiles is not None:
                 act, shift = _int8_parts(plan, x_dtype)
@@ -876,6 +945,14 @@ def _make_mutator(plan: LayoutPlan):
             o, c, kh, kw = w.shape
             _oh, ow = _out_hw(xshape[2], xshape[3], kh, kw, stride, pad, dil)
             return amx_conv_tiles(c, o, ow, (kh, kw), stride, dil, groups)
+
+        @staticmethod
+        def _amx_flat(w, xshape, stride, dil, groups, pad):
+            from qcompile.schedules.amx import amx_flat_plane
+
+            o, c, kh, kw = w.shape
+            out_hw = _out_hw(xshape[2], xshape[3], kh, kw, stride, pad, dil)
+            return amx_flat_plane(c, o, out_hw, (kh, kw), stride, dil, groups)
 
         # ---- matmul
         def _matmul(self, call, orig):

@@ -59,6 +59,27 @@ def amx_conv_tiles(in_channels: int, out_channels: int, out_width: int, kernel: 
     return to, tp, n
 
 
+def amx_flat_plane(in_channels: int, out_channels: int, out_hw: tuple, kernel: tuple,
+                   stride: tuple, dilation: tuple, groups: int):
+    """``((TO, 2, 16), columns)`` when a stride-1 conv should run over its flattened padded
+    plane (output pixel (i, j) at column i W' + j, W' the padded width, the W' - OW columns
+    per row past the edge computed and dropped), or None. Taken where that fills the
+    16-column C tiles better than whole-row tiles by 15 %: a 7-wide row fills 7 of 16
+    columns, a 7x7 plane 49 of 64."""
+    if tuple(stride) != (1, 1) or groups != 1 or tuple(dilation) != (1, 1):
+        return None
+    if in_channels % K_BYTES or out_channels % TILE_ROWS:
+        return None
+    oh, ow = out_hw
+    row = amx_conv_tiles(in_channels, out_channels, ow, kernel, stride, dilation, groups)
+    row_fill = row[2] / MAX_PIXELS if row else 0.0
+    step = 2 * MAX_PIXELS
+    columns = -(-oh * (ow + kernel[1] - 1) // step) * step
+    if oh * ow / columns <= 1.15 * row_fill:
+        return None
+    return (2 if out_channels % (2 * TILE_ROWS) == 0 else 1, 2, MAX_PIXELS), columns
+
+
 def _tile_config(to: int, tp: int, n: int) -> list[int]:
     """The 64-byte ldtilecfg operand as eight int64 words: palette 1, C tiles 0..3 (16 x 4N
     bytes), A tiles 4-5 (16 x 64), B tiles 6-7 (16 x 4N); unused tiles stay 0 x 0."""
@@ -182,16 +203,19 @@ def _update_impl(to: int, tp: int, n: int):
         with T.sblock("root"):
             T.reads(C[0:rows, 0, 0:cols], B[0:k4, 0, 0:cols, 0:4], A[0:to, 0:16, 0:k4, 0:4])
             T.writes(C[0:rows, 0, 0:cols])
-            # tile numbers must be immediates: the unrolled loops make them so
+            # tile numbers must be immediates: the unrolled loops make them so. Addresses
+            # as address_of(buffer[...]), not access_ptr: StorageRewrite may fold a dead
+            # buffer of another dtype into the same storage, which access_ptr's dtype
+            # check then rejects (a 5x5 flat-plane 1x1 conv did)
             for p in T.unroll(tp):
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64",
                                               T.Cast("uint8", 6 + p),
-                                              B.access_ptr("r", offset=p * n * 4),
+                                              T.address_of(B[0, 0, p * n, 0]),
                                               T.Cast("int64", sb)))
             for t in T.unroll(to):
                 T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tileloadd64",
                                               T.Cast("uint8", 4 + t),
-                                              A.access_ptr("r", offset=t * TILE_ROWS * K_BYTES),
+                                              T.address_of(A[t, 0, 0, 0]),
                                               T.int64(K_BYTES)))
                 for p in T.unroll(tp):
                     T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tdpbsud",
@@ -240,7 +264,7 @@ def _store_impl(to: int, tp: int, n: int):
                 for p in T.unroll(tp):
                     T.evaluate(T.call_llvm_intrin(
                         "void", "llvm.x86.tilestored64", T.Cast("uint8", t * tp + p),
-                        D.access_ptr("w", offset=t * TILE_ROWS * sd + p * n),
+                        T.address_of(D[t * TILE_ROWS, 0, p * n]),
                         T.Cast("int64", sd * 4)))
 
     return impl
@@ -269,7 +293,8 @@ def schedule_conv2d_amx(sch, block, intrin: str, tiles: tuple, vec_width: int):
     loops (b, o/(16 TO), oh, ow/(N TP) | ic/64, kh, kw | 16 TO, N TP, 16, 4), the last four
     tensorized; the int32 tile stored to a per-tile buffer and the fused epilogue run on
     it under the same pixel-tile loop."""
-    from .cpu import _inline_epilogue, _parallel, _schedule_producers, _vector_split
+    from .cpu import (_inline_epilogue, _is_spatial, _parallel, _schedule_producers,
+                      _vector_split)
 
     to, tp, n = tiles
     init_i, update_i, store_i = get_amx_intrins(to, tp, n, intrin.startswith("portable-"))
@@ -283,6 +308,11 @@ def schedule_conv2d_amx(sch, block, intrin: str, tiles: tuple, vec_width: int):
     wb = sch.cache_write(block, 0, "global")
     tmm = sch.cache_write(block, 0, "global")
     _inline_epilogue(sch, wb)
+    slices = sch.get_consumers(wb)
+    if len(slices) == 1 and _is_spatial(sch, slices[0]):
+        # a flat-plane kernel's result is sliced to NCHW: the elementwise epilogue joins
+        # that slice (one pass over the small output plane)
+        _inline_epilogue(sch, slices[0])
     sch.reverse_compute_at(tmm, jo)  # no unit loops: the store loops match its intrinsic
     sch.reverse_compute_at(wb, jo)
     wl = sch.get_loops(wb)

@@ -16,7 +16,7 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from qcompile.schedules.amx import _tile_config, amx_conv_tiles  # noqa: E402
+from qcompile.schedules.amx import _tile_config, amx_conv_tiles, amx_flat_plane  # noqa: E402
 from qcompile.target import amx_permitted, get_target, host_cpu_features  # noqa: E402
 from test_schedule_x86_pixels import _conv_int8_module, _np_int8, _scheduled_tir  # noqa: E402
 from test_schedules import _compile, _run  # noqa: E402
@@ -60,6 +60,8 @@ AMX_CASES = [
     (64, 32, 9, 16, 3, (2, 2), 1, "uint8"),    # stride 2: columns repacked by phase
     (64, 16, 7, 13, 3, (2, 2), 1, "int8"),     # stride 2, odd padded width (15), 7 wide
     (128, 64, 8, 14, 1, (2, 2), 0, "uint8"),   # 1x1 stride 2 (ResNet's downsample)
+    (64, 32, 7, 7, 3, (1, 1), 1, "uint8"),     # 7x7 plane: flattened padded plane
+    (128, 16, 5, 5, 1, (1, 1), 0, "int8"),     # 1x1 on a 5x5 plane, flat, shifted input
 ]
 
 
@@ -70,6 +72,9 @@ def test_amx_conv_bit_exact(case):
     mod, x, wt, bias, scale = _case_module(c, o, h, w, k, stride, pad, x_dtype, seed=sum(case[:5]))
     tir = _scheduled_tir(mod, TARGET, FORCE)
     assert "conv2d_packed_amx" in tir and "amx_" in tir, "the AMX kernel was not used"
+    oh, ow = ((h + 2 * pad - k) // stride[0] + 1, (w + 2 * pad - k) // stride[1] + 1)
+    flat = amx_flat_plane(c, o, (oh, ow), (k, k), stride, (1, 1), 1) is not None
+    assert ("pack_amx_flat" in tir) == flat, "the flat plane exactly where planned"
     got = _run(_compile(mod, TARGET, FORCE), x)
     np.testing.assert_array_equal(got, _reference(x, wt, stride, pad, bias, scale))
 
@@ -112,6 +117,19 @@ def test_tile_planner():
     assert amx_conv_tiles(64, 64, 16, (3, 3), (1, 3), (1, 1), 1) is None  # stride 3 across
     assert amx_conv_tiles(64, 64, 16, (3, 3), (1, 1), (2, 2), 1) is None  # dilation
     assert amx_conv_tiles(64, 64, 16, (3, 3), (1, 1), (1, 1), 2) is None  # groups
+
+
+def test_flat_plane_planner():
+    # 7x7 (ResNet's last stage): 49 of 64 columns flat vs 7 of 16 per row
+    assert amx_flat_plane(512, 512, (7, 7), (3, 3), (1, 1), (1, 1), 1) == ((2, 2, 16), 64)
+    assert amx_flat_plane(64, 48, (5, 5), (1, 1), (1, 1), (1, 1), 1) == ((1, 2, 16), 32)
+    # 14- and 56-wide rows fill their tiles as well as a flat plane would: rows
+    assert amx_flat_plane(256, 256, (14, 14), (3, 3), (1, 1), (1, 1), 1) is None
+    assert amx_flat_plane(64, 64, (56, 56), (3, 3), (1, 1), (1, 1), 1) is None
+    # a prime width with no row tile at all: flat
+    assert amx_flat_plane(64, 64, (17, 17), (3, 3), (1, 1), (1, 1), 1) is not None
+    assert amx_flat_plane(64, 64, (7, 7), (3, 3), (2, 2), (1, 1), 1) is None  # stride 2
+    assert amx_flat_plane(48, 64, (7, 7), (3, 3), (1, 1), (1, 1), 1) is None  # C % 64
 
 
 def test_tile_config_bytes():
