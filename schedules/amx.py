@@ -156,20 +156,9 @@ def _update_desc(to: int, tp: int, n: int):
     rows, cols, a_shape, b_shape, c_shape = _shapes(to, tp, n)
     k4 = K_BYTES // 4
 
-    if to == 1:  # the weight index holds a literal 0 (the compute's, too): no m // 16
-        @T.prim_func(s_tir=True)
-        def desc(A: T.Buffer(a_shape, "int8", offset_factor=1),
-                 B: T.Buffer(b_shape, "uint8", offset_factor=1),
-                 C: T.Buffer(c_shape, "int32", offset_factor=1)) -> None:
-            with T.sblock("root"):
-                T.reads(C[0:rows, 0, 0:cols], B[0:k4, 0, 0:cols, 0:4], A[0:to, 0:16, 0:k4, 0:4])
-                T.writes(C[0:rows, 0, 0:cols])
-                for m, p, k, r in T.grid(T.int64(rows), T.int64(cols), T.int64(k4), T.int64(4)):
-                    with T.sblock("update"):
-                        vm, vp, vk, vr = T.axis.remap("SSRR", [m, p, k, r])
-                        C[vm, 0, vp] = C[vm, 0, vp] + T.cast(B[vk, 0, vp, vr], "int32") * T.cast(
-                            A[0, vm, vk, vr], "int32")
-        return desc
+    def weight_tile_row(vm):
+        # one channel tile: a literal 0 and the plain row, as in the compute (no m // 16)
+        return (0, vm) if to == 1 else (vm // 16, vm % 16)
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer(a_shape, "int8", offset_factor=1),
@@ -181,8 +170,9 @@ def _update_desc(to: int, tp: int, n: int):
             for m, p, k, r in T.grid(T.int64(rows), T.int64(cols), T.int64(k4), T.int64(4)):
                 with T.sblock("update"):
                     vm, vp, vk, vr = T.axis.remap("SSRR", [m, p, k, r])
+                    tile, row = T.meta_var(weight_tile_row(vm))
                     C[vm, 0, vp] = C[vm, 0, vp] + T.cast(B[vk, 0, vp, vr], "int32") * T.cast(
-                        A[vm // 16, vm % 16, vk, vr], "int32")
+                        A[tile, row, vk, vr], "int32")
     return desc
 
 
