@@ -220,7 +220,8 @@ def list_targets() -> list[TargetSpec]:
 
 def host_target_name() -> str:
     """The best bundled target that runs on this machine."""
-    for name in ("x86_64-amx", "x86_64-avx512-vnni", "x86_64-avx2", "aarch64-neon-dotprod", "aarch64-neon"):
+    for name in ("x86_64-amx", "x86_64-avx512-vnni", "x86_64-avx2", "aarch64-neon-dotprod",
+                 "aarch64-neon"):
         if get_target(name).runs_here():
             return name
     raise TargetError(f"no bundled target runs on this {platform.machine()} machine; "

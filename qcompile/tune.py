@@ -150,7 +150,8 @@ def _export_cross(cross_compiler: str, mod) -> str:
 # Target identity of records
 # --------------------------------------------------------------------------------------
 
-_ISA_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "amx-int8", "neon", "dotprod", "i8mm", "sve")
+_ISA_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512vnni", "amx-int8", "neon", "dotprod",
+                 "i8mm", "sve")
 
 
 def target_fingerprint(target) -> tuple:
@@ -518,9 +519,9 @@ def extract_tasks(mod, spec):
     """MetaSchedule tasks of the fused module ``compile`` builds for ``spec``."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .pipeline import fuse
-
     from qcompile.schedules.amx import holds_amx_kernel
+
+    from .pipeline import fuse
 
     target = spec.tvm_target()
     fused = fuse(mod, target)

@@ -329,8 +329,9 @@ def _request_tile_permission(func):
 
 
 def holds_amx_kernel(func) -> bool:
-    """Whether ``func`` (a PrimFunc, or a module of one) computes an AMX-packed conv. Its schedule is fixed by
-    the tile shapes (there is nothing for ``qcompile tune`` to vary), so tuning skips it."""
+    """Whether ``func`` (a PrimFunc, or a module of one) computes an AMX-packed conv. Its
+    schedule is fixed by the tile shapes (there is nothing for ``qcompile tune`` to vary),
+    so tuning skips it."""
     from tvm import s_tir
 
     from qcompile.layout import KERNEL_ATTR
