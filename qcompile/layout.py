@@ -12,6 +12,10 @@ into qcompile's own TE computes, with the weight packed in numpy at compile time
   kernel's padding stage writes the activation as ``[N, C/4, H, W, 4]`` (+128 or
   -128 shift when its signedness differs from the instruction's, compensated by a
   per-channel constant), so the intrinsic's 4-byte activation read is contiguous.
+* int8 conv2d on AMX targets (C % 64 == O % 16 == 0, stride 1 or 2 across):
+  ``conv2d_packed_amx``, weights ``[O/(16 TO), KH, KW, C/64, TO, 16, 16, 4]`` (one 16x64
+  AMX tile per 1 KiB), the same [N, C/4, H, W, 4] activation repack (by stride phase for
+  stride 2; the flattened padded plane for small planes); see ``qcompile.schedules.amx``.
 * depthwise conv2d: ``conv2d_depthwise_packed``, ``W[C, 1, KH, KW]`` -> ``[C/L, KH, KW, L]``,
   input repacked to ``[N, C/L, H, W, L]`` by the kernel's padding stage (vector over channels).
 * grouped conv2d: ``conv2d_spatial``, vectorized over output width.
@@ -278,7 +282,7 @@ def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, 
     over the flattened padded plane, ``[N, O, 1, flat_columns]``, then sliced."""
     from tvm import te, tirx
 
-    from qcompile.schedules.amx import AMX_KIND
+    from qcompile.schedules.amx import AMX_KIND, AMX_TILES_ATTR
 
     n, c, h, w = (int(v) for v in x.shape)
     _, kh, kw, cblocks, to, _, k4, _ = (int(v) for v in wp.shape)
@@ -325,12 +329,7 @@ def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, 
     rw = te.reduce_axis((0, kw), "rw")
     rci = te.reduce_axis((0, k4), "rci")
     r4 = te.reduce_axis((0, 4), "r4")
-
-    def weight(o, rh_, rw_, rcb_, rci_, r4_):
-        # one channel tile: a literal 0 (the AMX tile description indexes it so too)
-        tile = (o % rows) // 16 if to > 1 else 0
-        return wp[o // rows, rh_, rw_, rcb_, tile, o % 16, rci_, r4_]
-
+    weight = _amx_weight(wp, rows, to)
     conv = te.compute(
         (n, out_channels, oh, ow),
         lambda b, o, i, j: te.sum(
@@ -338,13 +337,14 @@ def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, 
             * weight(o, rh, rw, rcb, rci, r4).astype("int32"),
             axis=[rcb, rh, rw, rci, r4]),
         name="conv2d_packed_amx",
-        attrs={KERNEL_ATTR: AMX_KIND, INTRIN_ATTR: intrin, "qcompile_amx_tiles": list(tiles)})
+        attrs={KERNEL_ATTR: AMX_KIND, INTRIN_ATTR: intrin, AMX_TILES_ATTR: list(tiles)})
     if comp is None:
         return conv
     return _conv_output(conv, comp, (n, out_channels, oh, ow))
 
 
 def _amx_weight(wp, rows: int, channel_tiles: int):
+    """The packed weight's element for output channel ``o`` and one tap / input channel."""
     def weight(o, rh_, rw_, rcb_, rci_, r4_):
         # one channel tile: a literal 0 (the AMX tile description indexes it so too)
         tile = (o % rows) // 16 if channel_tiles > 1 else 0
@@ -360,7 +360,7 @@ def _conv2d_flat_amx(xp_value, wp, comp, shape, out_channels, pad, shift, act_dt
     B tile row is contiguous whatever the row width."""
     from tvm import te, tirx
 
-    from qcompile.schedules.amx import AMX_KIND
+    from qcompile.schedules.amx import AMX_KIND, AMX_TILES_ATTR
 
     n, c, h, w = shape
     _, kh, kw, cblocks, to, _, k4, _ = (int(v) for v in wp.shape)
@@ -389,7 +389,7 @@ def _conv2d_flat_amx(xp_value, wp, comp, shape, out_channels, pad, shift, act_dt
             * weight(o, rh, rw, rcb, rci, r4).astype("int32"),
             axis=[rcb, rh, rw, rci, r4]),
         name="conv2d_packed_amx",
-        attrs={KERNEL_ATTR: AMX_KIND, INTRIN_ATTR: intrin, "qcompile_amx_tiles": list(tiles)})
+        attrs={KERNEL_ATTR: AMX_KIND, INTRIN_ATTR: intrin, AMX_TILES_ATTR: list(tiles)})
     if comp is None:
         return te.compute((n, out_channels, oh, ow),
                           lambda b, o, i, j: conv[b, o, 0, i * wpw + j], name="conv2d_slice")

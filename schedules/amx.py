@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 
 AMX_KIND = "conv2d_packed_amx"
+AMX_TILES_ATTR = "qcompile_amx_tiles"  # block annotation: [TO, TP, N] of the kernel
 TILE_ROWS = 16  # rows of every tile; also output channels per A tile
 K_BYTES = 64  # bytes of one A row: input channels per tile multiply
 MAX_PIXELS = 16  # int32 columns of a C tile (64 bytes)
@@ -357,7 +358,7 @@ def apply_amx_rule(func, target):
     else:
         return None
     intrin = str(_annotation(sch, block, INTRIN_ATTR, "amx-int8"))
-    tiles = tuple(int(v) for v in _annotation(sch, block, "qcompile_amx_tiles"))
+    tiles = tuple(int(v) for v in _annotation(sch, block, AMX_TILES_ATTR))
     vec = _vector_width(target)
     schedule_conv2d_amx(sch, block, intrin, tiles, vec)
     _schedule_rest(sch, vec)
