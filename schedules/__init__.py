@@ -12,7 +12,8 @@ How it fits together:
 * ``cpu``    default CPU rules: register-tiled micro-kernels for the annotated kernels
              (float FMA, int8 via the target's dot-product tile), fused epilogues inlined
              into the tile write-back, outer loops parallel; dlight GEMV/Reduction;
-             parallel + vectorize for everything else (pools vectorized over width).
+             pools one task per channel plane (padding copied inside it); parallel +
+             vectorize for everything else.
 * ``intrin`` the int8 ``L x 4`` tile semantics and its lazy registry; ``x86`` (AVX-512
              VNNI ``vpdpbusd``, AVX2 ``vpmaddubsw``+``vpmaddwd``), ``arm`` (NEON ``sdot``):
              real implementations; every family also has a portable (plain TIR) one.
