@@ -7,8 +7,8 @@ import pytest
 from qcompile.errors import TargetError
 from qcompile.target import get_target, host_target_name, list_targets, load_spec
 
-BUNDLED = {"x86_64-avx2", "x86_64-avx512-vnni", "aarch64-neon-dotprod", "aarch64-neon",
-           "cuda-sm80", "cuda-sm61"}
+BUNDLED = {"x86_64-avx2", "x86_64-avx512-vnni", "x86_64-amx", "aarch64-neon-dotprod",
+           "aarch64-neon", "cuda-sm80", "cuda-sm61"}
 
 
 def test_all_six_bundled_targets_load_and_build_tvm_targets():
