@@ -62,6 +62,8 @@ AMX_CASES = [
     (128, 64, 8, 14, 1, (2, 2), 0, "uint8"),   # 1x1 stride 2 (ResNet's downsample)
     (64, 32, 7, 7, 3, (1, 1), 1, "uint8"),     # 7x7 plane: flattened padded plane
     (128, 16, 5, 5, 1, (1, 1), 0, "int8"),     # 1x1 on a 5x5 plane, flat, shifted input
+    (96, 32, 6, 14, 3, (1, 1), 1, "uint8"),    # 96 input channels, zero-padded to 128
+    (144, 32, 4, 14, 1, (1, 1), 0, "int8"),    # 144 -> 192 (MobileNetV2's), shifted input
 ]
 
 
@@ -73,7 +75,8 @@ def test_amx_conv_bit_exact(case):
     tir = _scheduled_tir(mod, TARGET, FORCE)
     assert "conv2d_packed_amx" in tir and "amx_" in tir, "the AMX kernel was not used"
     oh, ow = ((h + 2 * pad - k) // stride[0] + 1, (w + 2 * pad - k) // stride[1] + 1)
-    flat = amx_flat_plane(c, o, (oh, ow), (k, k), stride, (1, 1), 1) is not None
+    cp = -(-c // 64) * 64  # the planner sees the zero-padded channels
+    flat = amx_flat_plane(cp, o, (oh, ow), (k, k), stride, (1, 1), 1) is not None
     assert ("pack_amx_flat" in tir) == flat, "the flat plane exactly where planned"
     got = _run(_compile(mod, TARGET, FORCE), x)
     np.testing.assert_array_equal(got, _reference(x, wt, stride, pad, bias, scale))
@@ -95,8 +98,8 @@ def test_amx_instructions_and_permission_request():
 
 @x86_only
 def test_convs_that_do_not_fit_amx_tiles_take_vnni():
-    """Input channels not a multiple of 64, or stride 3 across: the VNNI kernel, exact."""
-    for c, stride in ((48, (1, 1)), (64, (3, 3))):
+    """Input channels half padding at 64, or stride 3 across: the VNNI kernel, exact."""
+    for c, stride in ((32, (1, 1)), (64, (3, 3))):
         mod, x, wt, bias, scale = _case_module(c, 32, 8, 16, 3, stride, 1, "uint8", seed=c)
         tir = _scheduled_tir(mod, TARGET, FORCE)
         assert "conv2d_packed_amx" not in tir and "conv2d_packed_int8" in tir
@@ -130,6 +133,24 @@ def test_flat_plane_planner():
     assert amx_flat_plane(64, 64, (17, 17), (3, 3), (1, 1), (1, 1), 1) is not None
     assert amx_flat_plane(64, 64, (7, 7), (3, 3), (2, 2), (1, 1), 1) is None  # stride 2
     assert amx_flat_plane(48, 64, (7, 7), (3, 3), (1, 1), (1, 1), 1) is None  # C % 64
+
+
+def test_channel_padding_rule():
+    from qcompile.layout import _amx_channel_padded
+
+    rng = np.random.default_rng(0)
+    for (c, k), padded in {(96, 1): 128, (144, 1): 192, (160, 3): 192, (48, 3): 64,
+                           (32, 1): None,   # half of 64 would be padding
+                           (48, 1): None,   # a 64-deep reduction: VNNI is as fast
+                           (64, 3): None,   # nothing to pad
+                           (50, 3): None}.items():  # not whole 4-channel groups
+        w = rng.integers(-128, 128, (16, c, k, k)).astype(np.int8)
+        got = _amx_channel_padded(w)
+        if padded is None:
+            assert got is w
+        else:
+            assert got.shape == (16, padded, k, k) and not got[:, c:].any()
+            np.testing.assert_array_equal(got[:, :c], w)
 
 
 def test_tile_config_bytes():
@@ -179,7 +200,7 @@ def test_tuning_leaves_amx_kernels_out():
 
     spec = get_target("x86_64-amx")
     amx_mod, *_ = _case_module(64, 32, 4, 16, 3, (1, 1), 1, "uint8", seed=5)
-    vnni_mod, *_ = _case_module(48, 32, 4, 16, 3, (1, 1), 1, "uint8", seed=6)
+    vnni_mod, *_ = _case_module(32, 32, 4, 16, 3, (1, 1), 1, "uint8", seed=6)
     assert extract_tasks(amx_mod, spec) == []
     tasks = extract_tasks(vnni_mod, spec)
     assert tasks and not any(holds_amx_kernel(t.dispatched[0]) for t in tasks)
