@@ -360,7 +360,19 @@ def apply_amx_rule(func, target):
     intrin = str(_annotation(sch, block, INTRIN_ATTR, "amx-int8"))
     tiles = tuple(int(v) for v in _annotation(sch, block, AMX_TILES_ATTR))
     vec = _vector_width(target)
-    schedule_conv2d_amx(sch, block, intrin, tiles, vec)
+    try:
+        schedule_conv2d_amx(sch, block, intrin, tiles, vec)
+    except Exception as exc:  # a bug in this rule: say so, the generic schedule takes it
+        import warnings
+
+        from .cpu import ScheduleFallbackWarning
+
+        name = func.attrs.get("global_symbol", "?") if func.attrs else "?"
+        warnings.warn(f"AMX schedule of {name} failed ({type(exc).__name__}: "
+                      f"{str(exc).strip()[:200]}); using the generic schedule (slow). Set "
+                      "QCOMPILE_SCHEDULE_DEBUG=1 for the traceback.", ScheduleFallbackWarning,
+                      stacklevel=2)
+        raise
     _schedule_rest(sch, vec)
     if intrin.startswith("portable-"):
         return sch

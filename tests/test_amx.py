@@ -204,3 +204,20 @@ def test_tuning_leaves_amx_kernels_out():
     assert extract_tasks(amx_mod, spec) == []
     tasks = extract_tasks(vnni_mod, spec)
     assert tasks and not any(holds_amx_kernel(t.dispatched[0]) for t in tasks)
+
+
+def test_a_failing_amx_schedule_warns_and_falls_back(monkeypatch):
+    """A bug in the AMX rule must not fail the build nor pass silently: a
+    ScheduleFallbackWarning, then the generic schedule computes the same result."""
+    from qcompile.schedules import amx
+    from qcompile.schedules.cpu import ScheduleFallbackWarning
+
+    def broken(*_a, **_k):
+        raise RuntimeError("tensorize mismatch")
+
+    monkeypatch.delenv("QCOMPILE_SCHEDULE_DEBUG", raising=False)
+    monkeypatch.setattr(amx, "schedule_conv2d_amx", broken)
+    mod, x, wt, bias, scale = _case_module(64, 16, 3, 8, 3, (1, 1), 1, "uint8", seed=8)
+    with pytest.warns(ScheduleFallbackWarning, match="AMX schedule of .* tensorize mismatch"):
+        ex = _compile(mod, TARGET, FORCE)
+    np.testing.assert_array_equal(_run(ex, x), _reference(x, wt, (1, 1), 1, bias, scale))
