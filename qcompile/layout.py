@@ -297,24 +297,21 @@ def _amx_channel_padded(w: np.ndarray) -> np.ndarray:
 def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, intrin, tiles,
                       flat_columns=None):
     """NCHW int8 conv2d for AMX (``qcompile.schedules.amx``), weights
-    ``pack_conv_weight_amx``; exact tiles only (``amx_conv_tiles`` decides).
+    ``pack_conv_weight_amx``; exact tiles only (``amx_conv_plan`` decides).
 
     The activation is repacked to [N, C/4, H', W', 4] as for VNNI; for stride 2 across,
     the padded columns are laid out by phase (even columns, then odd ones, in the same
     width axis), so an AMX B tile -- N output pixels of one tap, 4 bytes each -- is one
     contiguous 4N-byte row for every tap. A strided 1x1 conv repacks only the pixels it
-    reads and runs as stride 1. ``flat_columns`` (``amx_flat_plane``): the conv computed
+    reads and runs as stride 1. ``flat_columns`` (``amx_conv_plan``): the conv computed
     over the flattened padded plane, ``[N, O, 1, flat_columns]``, then sliced."""
     from tvm import te, tirx
 
-    from qcompile.schedules.amx import AMX_KIND, AMX_TILES_ATTR
-
     n, c, h, w = (int(v) for v in x.shape)
-    _, kh, kw, cblocks, to, _, k4, _ = (int(v) for v in wp.shape)
+    _, kh, kw, cblocks, _, _, k4, _ = (int(v) for v in wp.shape)
     oh, ow = _out_hw(h, w, kh, kw, stride, pad, (1, 1))
     sh, sw = stride
     pt, pl, pb, pr = pad
-    rows = 16 * to
     wpad = w + pl + pr
     padded = _nchw4c_value(x, pad, shift, act_dtype)
     groups = cblocks * k4  # channel groups of 4, C padded to 64 (zero weights past C)
@@ -356,32 +353,42 @@ def conv2d_packed_amx(x, wp, comp, out_channels, stride, pad, shift, act_dtype, 
 
         def column(j, rw):
             return (rw % sw) * phase_w + j + rw // sw
-    rcb = te.reduce_axis((0, cblocks), "rcb")
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
-    rci = te.reduce_axis((0, k4), "rci")
-    r4 = te.reduce_axis((0, 4), "r4")
-    weight = _amx_weight(wp, rows, to)
-    conv = te.compute(
-        (n, out_channels, oh, ow),
-        lambda b, o, i, j: te.sum(
-            xp[b, rcb * k4 + rci, i * sh + rh, column(j, rw), r4].astype("int32")
-            * weight(o, rh, rw, rcb, rci, r4).astype("int32"),
-            axis=[rcb, rh, rw, rci, r4]),
-        name="conv2d_packed_amx",
-        attrs={KERNEL_ATTR: AMX_KIND, INTRIN_ATTR: intrin, AMX_TILES_ATTR: list(tiles)})
+    conv = _amx_reduction(xp, wp, (n, out_channels, oh, ow), intrin, tiles,
+                          lambda i, j, rh, rw: (i * sh + rh, column(j, rw)))
     if comp is None:
         return conv
     return _conv_output(conv, comp, (n, out_channels, oh, ow))
 
 
-def _amx_weight(wp, rows: int, channel_tiles: int):
-    """The packed weight's element for output channel ``o`` and one tap / input channel."""
-    def weight(o, rh_, rw_, rcb_, rci_, r4_):
+def _amx_reduction(xp, wp, shape, intrin, tiles, position):
+    """The AMX conv's reduction over input-channel blocks x taps x 64 channels: output
+    (b, o, i, j) sums ``xp[b, group, *position(i, j, rh, rw), 4]`` (the activation row and
+    column a tap reads) times the packed weight."""
+    from tvm import te
+
+    from qcompile.schedules.amx import AMX_KIND, AMX_TILES_ATTR
+
+    _, kh, kw, cblocks, to, _, k4, _ = (int(v) for v in wp.shape)
+    rows = 16 * to
+    rcb = te.reduce_axis((0, cblocks), "rcb")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rci = te.reduce_axis((0, k4), "rci")
+    r4 = te.reduce_axis((0, 4), "r4")
+
+    def weight(o):
         # one channel tile: a literal 0 (the AMX tile description indexes it so too)
-        tile = (o % rows) // 16 if channel_tiles > 1 else 0
-        return wp[o // rows, rh_, rw_, rcb_, tile, o % 16, rci_, r4_]
-    return weight
+        tile = (o % rows) // 16 if to > 1 else 0
+        return wp[o // rows, rh, rw, rcb, tile, o % 16, rci, r4]
+
+    return te.compute(
+        shape,
+        lambda b, o, i, j: te.sum(
+            xp[(b, rcb * k4 + rci, *position(i, j, rh, rw), r4)].astype("int32")
+            * weight(o).astype("int32"),
+            axis=[rcb, rh, rw, rci, r4]),
+        name="conv2d_packed_amx",
+        attrs={KERNEL_ATTR: AMX_KIND, INTRIN_ATTR: intrin, AMX_TILES_ATTR: list(tiles)})
 
 
 def _conv2d_flat_amx(xp_value, wp, comp, shape, out_channels, pad, shift, act_dtype, intrin,
@@ -392,10 +399,8 @@ def _conv2d_flat_amx(xp_value, wp, comp, shape, out_channels, pad, shift, act_dt
     B tile row is contiguous whatever the row width."""
     from tvm import te, tirx
 
-    from qcompile.schedules.amx import AMX_KIND, AMX_TILES_ATTR
-
     n, c, h, w = shape
-    _, kh, kw, cblocks, to, _, k4, _ = (int(v) for v in wp.shape)
+    _, kh, kw, cblocks, _, _, k4, _ = (int(v) for v in wp.shape)
     pt, pl, pb, pr = pad
     hp, wpw = h + pt + pb, w + pl + pr
     oh, ow = hp - kh + 1, wpw - kw + 1
@@ -408,26 +413,10 @@ def _conv2d_flat_amx(xp_value, wp, comp, shape, out_channels, pad, shift, act_dt
                                  tirx.const(shift, act_dtype))
 
     xp = te.compute((n, cblocks * k4, 1, length, 4), flat, name="pack_amx_flat")
-    rcb = te.reduce_axis((0, cblocks), "rcb")
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
-    rci = te.reduce_axis((0, k4), "rci")
-    r4 = te.reduce_axis((0, 4), "r4")
-    weight = _amx_weight(wp, 16 * to, to)
-    conv = te.compute(
-        (n, out_channels, 1, columns),
-        lambda b, o, u, p: te.sum(
-            xp[b, rcb * k4 + rci, u, p + rh * wpw + rw, r4].astype("int32")
-            * weight(o, rh, rw, rcb, rci, r4).astype("int32"),
-            axis=[rcb, rh, rw, rci, r4]),
-        name="conv2d_packed_amx",
-        attrs={KERNEL_ATTR: AMX_KIND, INTRIN_ATTR: intrin, AMX_TILES_ATTR: list(tiles)})
-    if comp is None:
-        return te.compute((n, out_channels, oh, ow),
-                          lambda b, o, i, j: conv[b, o, 0, i * wpw + j], name="conv2d_slice")
-    return te.compute((n, out_channels, oh, ow),
-                      lambda b, o, i, j: conv[b, o, 0, i * wpw + j] - comp[o],
-                      name="conv2d_shift_comp")
+    conv = _amx_reduction(xp, wp, (n, out_channels, 1, columns), intrin, tiles,
+                          lambda u, p, rh, rw: (u, p + rh * wpw + rw))
+    return _conv_output(conv, comp, (n, out_channels, oh, ow),
+                        at=lambda b, o, i, j: (b, o, 0, i * wpw + j))
 
 
 # Name of the int8 conv's activation repack stage ([N, C, H, W] -> [N, C/4, H', W', 4]).
@@ -462,15 +451,15 @@ def _nchw4c_value(x, pad, shift: int, act_dtype: str):
     return value
 
 
-def _conv_output(conv, comp, shape):
+def _conv_output(conv, comp, shape, at=lambda b, o, i, j: (b, o, i, j)):
     """The packed conv's [N, O, OH, OW] result: padded channels/columns cut off and, for
     uint8 activations fed to s8 x s8 instructions, the zero-point compensation
-    ``comp[o]`` subtracted."""
+    ``comp[o]`` subtracted. ``at``: where output (b, o, i, j) sits in ``conv``."""
     from tvm import te
 
     if comp is None:
-        return te.compute(shape, lambda b, o, i, j: conv[b, o, i, j], name="conv2d_slice")
-    return te.compute(shape, lambda b, o, i, j: conv[b, o, i, j] - comp[o],
+        return te.compute(shape, lambda b, o, i, j: conv[at(b, o, i, j)], name="conv2d_slice")
+    return te.compute(shape, lambda b, o, i, j: conv[at(b, o, i, j)] - comp[o],
                       name="conv2d_shift_comp")
 
 def conv2d_spatial(x, wt, stride, pad, dil, groups, out_dtype):
@@ -935,22 +924,14 @@ def _make_mutator(plan: LayoutPlan):
             lanes = plan.int8_lanes
             intrin = plan.int8_intrin
             w_amx = _amx_channel_padded(w) if plan.amx else w
-            flat = self._amx_flat(w_amx, xshape, stride, dil, groups, pad) if plan.amx else None
-            if flat is not None:
+            amx = self._amx_plan(w_amx, xshape, stride, dil, groups, pad) if plan.amx else None
+            if amx is not None:
+                tiles, flat_columns = amx
                 act, shift = _int8_parts(plan, x_dtype)
                 comp = _zero_point_comp(shift, w, (1, 2, 3))
-                return bb.call_te(conv2d_packed_amx, x, relax.const(
-                                      pack_conv_weight_amx(w_amx, flat[0][0])), comp, o,
-                                  stride, pad, shift, act, plan.amx, flat[0], flat[1],
-                                  primfunc_name_hint="conv2d_packed_amx")
-            amx_tiles = (self._amx_tiles(w_amx, xshape, stride, dil, groups, pad)
-                         if plan.amx else None)
-            if amx_tiles is not None:
-                act, shift = _int8_parts(plan, x_dtype)
-                comp = _zero_point_comp(shift, w, (1, 2, 3))
-                return bb.call_te(conv2d_packed_amx, x, relax.const(
-                                      pack_conv_weight_amx(w_amx, amx_tiles[0])), comp, o,
-                                  stride, pad, shift, act, plan.amx, amx_tiles,
+                wp = pack_conv_weight_amx(w_amx, tiles[0])
+                return bb.call_te(conv2d_packed_amx, x, relax.const(wp), comp, o, stride, pad,
+                                  shift, act, plan.amx, tiles, flat_columns,
                                   primfunc_name_hint="conv2d_packed_amx")
             if intrin.removeprefix("portable-") == "arm-i8mm":
                 act, shift = _int8_parts(plan, x_dtype)
@@ -973,20 +954,12 @@ def _make_mutator(plan: LayoutPlan):
                               lanes, shift, act, intrin, primfunc_name_hint="conv2d_packed_int8")
 
         @staticmethod
-        def _amx_tiles(w, xshape, stride, dil, groups, pad):
-            from qcompile.schedules.amx import amx_conv_tiles
-
-            o, c, kh, kw = w.shape
-            _oh, ow = _out_hw(xshape[2], xshape[3], kh, kw, stride, pad, dil)
-            return amx_conv_tiles(c, o, ow, (kh, kw), stride, dil, groups)
-
-        @staticmethod
-        def _amx_flat(w, xshape, stride, dil, groups, pad):
-            from qcompile.schedules.amx import amx_flat_plane
+        def _amx_plan(w, xshape, stride, dil, groups, pad):
+            from qcompile.schedules.amx import amx_conv_plan
 
             o, c, kh, kw = w.shape
             out_hw = _out_hw(xshape[2], xshape[3], kh, kw, stride, pad, dil)
-            return amx_flat_plane(c, o, out_hw, (kh, kw), stride, dil, groups)
+            return amx_conv_plan(c, o, out_hw, (kh, kw), stride, dil, groups)
 
         # ---- matmul
         def _matmul(self, call, orig):

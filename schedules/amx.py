@@ -55,9 +55,14 @@ def amx_conv_tiles(in_channels: int, out_channels: int, out_width: int, kernel: 
     if not divisors:
         return None
     n = divisors[0]
-    to = 2 if out_channels % (2 * TILE_ROWS) == 0 else 1
     tp = 2 if (out_width // n) % 2 == 0 else 1
-    return to, tp, n
+    return _channel_tiles(out_channels), tp, n
+
+
+def _channel_tiles(out_channels: int) -> int:
+    """C tiles per register tile along output channels (16 channels each): 2 where they
+    divide the channels, else 1."""
+    return 2 if out_channels % (2 * TILE_ROWS) == 0 else 1
 
 
 def amx_flat_plane(in_channels: int, out_channels: int, out_hw: tuple, kernel: tuple,
@@ -78,7 +83,19 @@ def amx_flat_plane(in_channels: int, out_channels: int, out_hw: tuple, kernel: t
     columns = -(-oh * (ow + kernel[1] - 1) // step) * step
     if oh * ow / columns <= 1.15 * row_fill:
         return None
-    return (2 if out_channels % (2 * TILE_ROWS) == 0 else 1, 2, MAX_PIXELS), columns
+    return (_channel_tiles(out_channels), 2, MAX_PIXELS), columns
+
+
+def amx_conv_plan(in_channels: int, out_channels: int, out_hw: tuple, kernel: tuple,
+                  stride: tuple, dilation: tuple, groups: int):
+    """``(tiles, flat_columns)`` for an AMX conv -- the flat plane where ``amx_flat_plane``
+    takes it, else whole-row tiles (``flat_columns`` None) -- or None: not an AMX conv."""
+    flat = amx_flat_plane(in_channels, out_channels, out_hw, kernel, stride, dilation, groups)
+    if flat is not None:
+        return flat
+    tiles = amx_conv_tiles(in_channels, out_channels, out_hw[1], kernel, stride, dilation,
+                           groups)
+    return None if tiles is None else (tiles, None)
 
 
 def _tile_config(to: int, tp: int, n: int) -> list[int]:
