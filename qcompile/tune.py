@@ -525,14 +525,16 @@ def extract_tasks(mod, spec):
 
     target = spec.tvm_target()
     fused = fuse(mod, target)
-    tasks = [t for t in ms.relax_integration.extract_tasks(fused, target)
-             if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
-    # AMX convs: the tile shapes fix the whole schedule, nothing to search
-    fixed = [t for t in tasks if holds_amx_kernel(t.dispatched[0])]
+    tasks, fixed = [], []
+    for t in ms.relax_integration.extract_tasks(fused, target):
+        if t.mod.attrs and t.mod.attrs.get("tirx.is_scheduled", False):
+            continue
+        # AMX convs: the tile shapes fix the whole schedule, nothing to search
+        (fixed if holds_amx_kernel(t.dispatched[0]) else tasks).append(t)
     if fixed:
         _log.info("%d AMX conv kernel(s) keep their fixed schedule (not tuned): %s",
                   len(fixed), ", ".join(t.task_name for t in fixed))
-    return [t for t in tasks if all(t is not f for f in fixed)]
+    return tasks
 
 
 def coverage_detail(mod, spec, db) -> tuple[list[str], list[str]]:

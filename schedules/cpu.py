@@ -1193,8 +1193,9 @@ def _inline_elementwise_chain(sch) -> bool:
 
 # Pooling (a short-window reduction over a padded plane): one task per channel plane,
 # its padding copied per plane (in cache) and the window loops left to LLVM (TVM's own
-# vectors read a stride-2 window lane by lane; what MetaSchedule's best record did). max_pool2d 64ch 112x112 3x3/2 (ResNet-18's), standalone, 2 threads: uint8 447 ->
-# 103 us, float32 669 -> 233 us; without padding, uint8 384 -> 63 us.
+# vectors read a stride-2 window lane by lane); what MetaSchedule's best record did.
+# max_pool2d 64ch 112x112 3x3/2 (ResNet-18's), standalone, 2 threads: uint8 447 -> 103 us,
+# float32 669 -> 233 us; without padding, uint8 384 -> 63 us.
 POOL_PER_PLANE = True
 
 
@@ -1212,13 +1213,11 @@ def _schedule_pool_planes(sch) -> bool:
     kinds = [int(iv.iter_type) for iv in ivs]
     if len(loops) != 6 or kinds != [0, 0, 0, 0, 2, 2]:
         return False
-    window = (_extent(sch, loops[4]) or 1 << 20) * (_extent(sch, loops[5]) or 1 << 20)
-    if window > 64 or not all(_extent(sch, lp) for lp in loops):
+    if not all(_extent(sch, lp) for lp in loops) or \
+            _extent(sch, loops[4]) * _extent(sch, loops[5]) > 64:
         return False
-    big = _big_enough(sch, pool)  # (before the fuse: the same count either way)
     plane = sch.fuse(loops[0], loops[1])
-    if _OVERRIDES.get("parallel", big):
-        sch.parallel(plane)
+    _parallel(sch, pool, [plane])
     if pad is not None:
         sch.compute_at(pad, plane)
     return True
