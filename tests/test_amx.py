@@ -16,6 +16,7 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
+from qcompile.layout import _amx_channel_padded  # noqa: E402
 from qcompile.schedules.amx import _tile_config, amx_conv_tiles, amx_flat_plane  # noqa: E402
 from qcompile.target import amx_permitted, get_target, host_cpu_features  # noqa: E402
 from test_schedule_x86_pixels import _conv_int8_module, _np_int8, _scheduled_tir  # noqa: E402
@@ -75,7 +76,7 @@ def test_amx_conv_bit_exact(case):
     tir = _scheduled_tir(mod, TARGET, FORCE)
     assert "conv2d_packed_amx" in tir and "amx_" in tir, "the AMX kernel was not used"
     oh, ow = ((h + 2 * pad - k) // stride[0] + 1, (w + 2 * pad - k) // stride[1] + 1)
-    cp = -(-c // 64) * 64  # the planner sees the zero-padded channels
+    cp = _amx_channel_padded(wt).shape[1]  # the planner sees the zero-padded channels
     flat = amx_flat_plane(cp, o, (oh, ow), (k, k), stride, (1, 1), 1) is not None
     assert ("pack_amx_flat" in tir) == flat, "the flat plane exactly where planned"
     got = _run(_compile(mod, TARGET, FORCE), x)
@@ -136,8 +137,6 @@ def test_flat_plane_planner():
 
 
 def test_channel_padding_rule():
-    from qcompile.layout import _amx_channel_padded
-
     rng = np.random.default_rng(0)
     for (c, k), padded in {(96, 1): 128, (144, 1): 192, (160, 3): 192, (48, 3): 64,
                            (32, 1): None,   # half of 64 would be padding
